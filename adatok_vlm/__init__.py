@@ -1,0 +1,31 @@
+"""adatok-vlm: AdaTok's adaptive, variable-length image tokens for Hugging Face models.
+
+``import adatok_vlm`` registers every model with the Auto classes::
+
+    import adatok_vlm, transformers
+    model = transformers.AutoModel.from_pretrained("path/to/adatok")   # -> AdaTokModel
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .tokenizer import AdaTokConfig, AdaTokEncoding, AdaTokModel
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    AutoConfig.register(AdaTokConfig.model_type, AdaTokConfig, exist_ok=True)
+    AutoModel.register(AdaTokConfig, AdaTokModel, exist_ok=True)
+    try:
+        from transformers import AutoImageProcessor
+
+        from .image_processing_adatok import AdaTokImageProcessor
+    except ImportError:  # the image processor module is optional at import time
+        return
+    AutoImageProcessor.register(AdaTokConfig, image_processor_classes={"pil": AdaTokImageProcessor}, exist_ok=True)
+    globals()["AdaTokImageProcessor"] = AdaTokImageProcessor
+
+
+_register()
+
+__all__ = ["AdaTokConfig", "AdaTokEncoding", "AdaTokModel", "AdaTokImageProcessor", "__version__"]

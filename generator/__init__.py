@@ -1,0 +1,1 @@
+"""Generators over variable-length AdaTok tokens (installed as ``adatok_vlm.generator``)."""

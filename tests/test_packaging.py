@@ -1,0 +1,60 @@
+"""The distribution installs ONE import root, adatok_vlm, with tokenizer/generator/training under it.
+
+Builds a real wheel from the repository, installs it with ``pip install --no-deps --target`` and
+imports it from outside the repository (no second 6 GB venv needed)."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    for name in ("setup.py", "README.md", "adatok_vlm", "tokenizer", "generator", "training"):
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, src / name)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "--disable-pip-version-check", "-w", str(out), str(src)], check=True, timeout=300)
+    wheels = list(out.glob("adatok_vlm-*.whl"))
+    assert len(wheels) == 1
+    return wheels[0]
+
+
+def test_wheel_holds_only_the_adatok_vlm_root(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert roots == {"adatok_vlm"}
+    for sub in ("tokenizer", "generator", "training"):
+        assert f"adatok_vlm/{sub}/__init__.py" in names
+
+
+def test_installed_wheel_imports_from_outside_the_repo(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--disable-pip-version-check",
+                    "--target", str(target), str(wheel)], check=True, timeout=300)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import adatok_vlm, adatok_vlm.tokenizer, adatok_vlm.generator, adatok_vlm.training;"
+        "from adatok_vlm import AdaTokConfig, AdaTokModel;"
+        "import transformers;"
+        "assert transformers.AutoConfig.for_model('adatok').__class__ is AdaTokConfig;"
+        "print(adatok_vlm.__file__); print(adatok_vlm.tokenizer.__file__); print(adatok_vlm.training.__file__)"
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    result = subprocess.run([sys.executable, "-c", code, str(target)], cwd=outside, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = result.stdout.split()
+    assert len(files) == 3 and all(f.startswith(str(target)) for f in files), files

@@ -1,0 +1,406 @@
+"""AdaTok: a 1D image tokenizer whose every token prefix reconstructs the image.
+
+Paper: "AdaTok: Adaptive visual representation with quality-preserving dynamic tokens".
+
+* Encoder (eq. 3): a ViT reads the latent patches ``p_1..p_n`` followed by ``m`` learnable suffix
+  tokens ``q_1..q_m``; the outputs at the suffix positions, through a bottleneck, are the tokens
+  ``z = Encoder(p, q)[n:]``.
+* Nested Tail Masking (eq. 4): in training every sample keeps its own random prefix length
+  ``L ~ U[a, b]``; the tail is replaced by a mask token and hidden from every self-attention layer
+  of the decoder by a key padding mask, so the decoder is blind to it.
+* Decoder: a ViT over ``n`` learned patch queries followed by the kept tokens predicts the latent
+  patches; it reconstructs from any length 1..m.
+
+The file reads bottom-up: helpers, blocks, encoder/decoder, outputs, the model.
+Batches of variable-length tokens are ``tokens [B, L, D]`` (padded) plus ``lengths [B]``;
+``token_mask[b, i] = i < lengths[b]`` (True = valid) is derived, never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_adatok import AdaTokConfig
+from .latent_space import VAELatentSpace, build_latent_space
+from .quantizer import FSQBottleneck, build_bottleneck
+from .validation import check_lengths, check_pixel_values, check_tokens, resolve_num_tokens
+
+
+# ============================================================================================
+# helpers
+# ============================================================================================
+def token_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+    """``[B, max_length]`` bool, True where position ``i < lengths[b]`` (valid)."""
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]``, patches in row-major order."""
+    b, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for a square ``grid x grid`` of patches."""
+    b = x.shape[0]
+    p = patch_size
+    x = x.reshape(b, grid, grid, p, p, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, grid * p, grid * p)
+
+
+# ============================================================================================
+# blocks
+# ============================================================================================
+class TransformerStack(nn.Module):
+    """Pre-norm ViT blocks (timm's ``Block``) with a final LayerNorm and an optional key padding mask.
+
+    Attention always runs through ``F.scaled_dot_product_attention`` with a boolean mask
+    (timm's ``fused_attn`` is forced on, independent of the TIMM_FUSED_ATTN environment variable),
+    so GPUs use fused kernels and masked keys have no effect at all.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, qk_norm=qk_norm) for _ in range(depth)
+        )
+        for block in self.blocks:
+            block.attn.fused_attn = True
+        self.norm = nn.LayerNorm(dim)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        # key_valid [B, N] (True = attend) -> [B, 1, 1, N], broadcast over heads and queries.
+        attn_mask = None if key_valid is None else key_valid[:, None, None, :]
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask)
+        return self.norm(x)
+
+
+# ============================================================================================
+# encoder and decoder
+# ============================================================================================
+class AdaTokEncoder(nn.Module):
+    """ViT over ``n`` latent patches followed by ``m`` learnable suffix tokens (paper eq. 3).
+
+    Returns the hidden states at the suffix positions ``[B, m, dim]`` and all hidden states
+    ``[B, n + m, dim]`` (the policy head reads those).
+    """
+
+    def __init__(self, patch_dim: int, num_patches: int, num_tokens: int, dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.num_patches = num_patches
+        self.patch_embed = nn.Linear(patch_dim, dim)
+        self.patch_pos = nn.Parameter(torch.zeros(1, num_patches, dim))
+        # q_1..q_m: learnable, so they carry their own position.
+        self.suffix_tokens = nn.Parameter(torch.zeros(1, num_tokens, dim))
+        self.transformer = TransformerStack(dim, depth, num_heads, mlp_ratio, qk_norm)
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = patches.shape[0]
+        x = self.patch_embed(patches) + self.patch_pos                   # [B, n, dim]
+        q = self.suffix_tokens.expand(b, -1, -1)                          # [B, m, dim]
+        hidden = self.transformer(torch.cat([x, q], dim=1))               # [B, n + m, dim]
+        return hidden[:, self.num_patches:], hidden
+
+
+class AdaTokDecoder(nn.Module):
+    """ViT over ``n`` learned patch queries followed by the kept tokens.
+
+    Tokens past each sample's length are replaced by a learned mask token (paper eq. 4) and excluded
+    as keys from every self-attention layer, so their values cannot influence any output. The
+    sequence is cut at the batch's longest length: the cost follows the real lengths, not ``m``.
+    """
+
+    def __init__(self, token_dim: int, num_tokens: int, num_patches: int, patch_dim: int, dim: int,
+                 depth: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.num_patches = num_patches
+        self.token_embed = nn.Linear(token_dim, dim)
+        self.token_pos = nn.Parameter(torch.zeros(1, num_tokens, dim))
+        # The placeholder M_i of eq. 4. A buffer, not a parameter: keys at masked positions are
+        # hidden from every attention layer and their outputs are discarded, so a "learned" mask
+        # token could never receive a gradient. It only fills the tail with a fixed, finite value.
+        self.register_buffer("mask_token", torch.zeros(1, 1, dim))
+        self.patch_queries = nn.Parameter(torch.zeros(1, num_patches, dim))
+        self.transformer = TransformerStack(dim, depth, num_heads, mlp_ratio, qk_norm)
+        self.to_patches = nn.Linear(dim, patch_dim)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b, length, _ = tokens.shape
+        valid = token_mask(lengths, length)                               # [B, L]
+        # Zero the tail first so that inf/NaN padding cannot leak through 0 * inf in the embedding.
+        tokens = tokens.masked_fill(~valid[..., None], 0.0)
+        t = self.token_embed(tokens) + self.token_pos[:, :length]         # [B, L, dim]
+        t = torch.where(valid[..., None], t, self.mask_token.to(t.dtype))  # tail -> M_i
+        x = torch.cat([self.patch_queries.expand(b, -1, -1), t], dim=1)   # [B, n + L, dim]
+        key_valid = torch.cat([valid.new_ones(b, self.num_patches), valid], dim=1)
+        hidden = self.transformer(x, key_valid)                           # [B, n + L, dim]
+        return self.to_patches(hidden[:, : self.num_patches])             # [B, n, patch_dim]
+
+
+# ============================================================================================
+# outputs
+# ============================================================================================
+@dataclass
+class AdaTokEncoding(ModelOutput):
+    """Variable-length image tokens.
+
+    Args:
+        tokens: ``[B, L, D]``, padded to the batch's longest length with zeros.
+        lengths: ``[B]`` valid tokens per image.
+        codes: ``[B, L]`` FSQ integer ids (``-1`` at padding), or None for continuous tokens.
+    """
+
+    tokens: torch.FloatTensor | None = None
+    lengths: torch.LongTensor | None = None
+    codes: torch.LongTensor | None = None
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        return token_mask(self.lengths, self.tokens.shape[1])
+
+
+@dataclass
+class AdaTokOutput(ModelOutput):
+    """Output of the Nested Tail Masking training forward.
+
+    Args:
+        loss: ``recon_loss + kl_weight * kl_loss`` (the part of eq. 5 the model computes itself;
+            perceptual and adversarial terms live in ``adatok_vlm.tokenizer.losses``).
+        recon_loss: mean squared error between predicted and target latents.
+        kl_loss: the KL term of a ``"kl"`` token regulariser (0 otherwise).
+        reconstruction: ``[B, 3, H, W]`` decoded images in [0, 1] scale (not clamped), or None.
+        latents / target_latents: ``[B, C, h, w]`` predicted and encoded latents.
+        lengths: ``[B]`` the prefix length each sample kept.
+        tokens: ``[B, m, D]`` all tokens before masking.
+    """
+
+    loss: torch.FloatTensor | None = None
+    recon_loss: torch.FloatTensor | None = None
+    kl_loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    target_latents: torch.FloatTensor | None = None
+    lengths: torch.LongTensor | None = None
+    tokens: torch.FloatTensor | None = None
+
+
+# ============================================================================================
+# model
+# ============================================================================================
+class AdaTokPreTrainedModel(PreTrainedModel):
+    config_class = AdaTokConfig
+    base_model_prefix = "adatok"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["Block"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, AdaTokEncoder):
+            init.trunc_normal_(module.patch_pos, std=std)
+            init.trunc_normal_(module.suffix_tokens, std=std)
+        elif isinstance(module, AdaTokDecoder):
+            init.trunc_normal_(module.token_pos, std=std)
+            init.trunc_normal_(module.mask_token, std=std)
+            init.trunc_normal_(module.patch_queries, std=std)
+
+
+class AdaTokModel(AdaTokPreTrainedModel):
+    """The AdaTok tokenizer.
+
+    Example::
+
+        model = AdaTokModel(AdaTokConfig.from_preset("adatok-tiny"))
+        enc = model.encode(pixel_values, num_tokens=8)        # tokens [B, 8, D], lengths [B]
+        images = model.decode(enc.tokens, enc.lengths)          # [B, 3, H, W] in [0, 1]
+    """
+
+    def __init__(self, config: AdaTokConfig):
+        super().__init__(config)
+        self.latent_space = build_latent_space(
+            config.latent_space, config.num_channels, config.vae_config, config.vae_path,
+            config.vae_scaling_factor, config.vae_shift_factor, config.vae_random_init,
+        )
+        m, n = config.num_latent_tokens, config.num_patches
+        self.encoder = AdaTokEncoder(config.patch_dim, n, m, config.hidden_size, config.num_encoder_layers,
+                                     config.num_attention_heads, config.mlp_ratio, config.qk_norm)
+        self.bottleneck = build_bottleneck(config.bottleneck, config.hidden_size, config.token_dim,
+                                           config.token_regularizer, config.fsq_levels)
+        self.decoder = AdaTokDecoder(config.token_dim, m, n, config.patch_dim, config.decoder_hidden_size,
+                                     config.num_decoder_layers, config.decoder_num_attention_heads,
+                                     config.mlp_ratio, config.qk_norm)
+        if isinstance(self.latent_space, VAELatentSpace):
+            # The frozen VAE keeps diffusers' own init; mark it so post_init leaves it alone.
+            for module in self.latent_space.modules():
+                module._is_hf_initialized = True
+        self.post_init()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_latent_tokens(self) -> int:
+        return self.config.num_latent_tokens
+
+    @property
+    def is_fsq(self) -> bool:
+        return isinstance(self.bottleneck, FSQBottleneck)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        if only_trainable:
+            return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return super().num_parameters(only_trainable=False, exclude_embeddings=exclude_embeddings)
+
+    # ------------------------------------------------------------------ stages
+    def sample_ntm_lengths(self, batch_size: int, device: torch.device | None = None,
+                           generator: torch.Generator | None = None) -> torch.LongTensor:
+        """Per-sample prefix lengths for Nested Tail Masking, ``L in [a, b]`` (paper eq. 4).
+
+        ``uniform`` draws L uniformly; ``log_uniform`` draws log L uniformly (more short prefixes).
+        """
+        a, b = self.config.ntm_min_tokens, self.config.ntm_max_tokens
+        device = device or self.device
+        if self.config.ntm_distribution == "uniform":
+            lengths = torch.randint(a, b + 1, (batch_size,), generator=generator,
+                                    device="cpu" if generator is not None else device)
+        else:
+            u = torch.rand(batch_size, generator=generator, device="cpu" if generator is not None else device)
+            log_l = torch.log(torch.tensor(a - 0.5)) + u * (torch.log(torch.tensor(b + 0.5)) - torch.log(torch.tensor(a - 0.5)))
+            lengths = torch.exp(log_l).round().long().clamp(a, b)
+        return lengths.to(device)
+
+    def forward_encoder(self, pixel_values: torch.Tensor, sample: bool = False):
+        """Pixels ``[B, 3, H, W]`` -> (tokens ``[B, m, D]``, hidden ``[B, n+m, dim]``, target latents, aux loss)."""
+        latents = self.latent_space.encode(pixel_values)                  # [B, C, h, w]
+        patches = patchify(latents, self.config.patch_size)               # [B, n, p*p*C]
+        suffix, hidden = self.encoder(patches)                            # [B, m, dim], [B, n+m, dim]
+        tokens, aux = self.bottleneck(suffix, sample=sample)              # [B, m, D]
+        return tokens, hidden, latents, aux
+
+    def forward_decoder(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, L, D]`` + lengths ``[B]`` -> predicted latents ``[B, C, h, w]``."""
+        longest = int(lengths.max())
+        patches = self.decoder(tokens[:, :longest], lengths)              # [B, n, p*p*C]
+        grid = self.config.latent_grid_size // self.config.patch_size
+        return unpatchify(patches, self.config.patch_size, self.config.latent_channels, grid)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, num_tokens=None) -> AdaTokEncoding:
+        """Encode images into variable-length tokens.
+
+        Args:
+            pixel_values: float ``[B, 3, H, W]`` in [0, 1].
+            num_tokens: ``None`` (all ``m``), an int, a LongTensor ``[B]``, or ``"auto"`` (the
+                adaptive policy). Whatever the length, the tokens are the same prefix.
+        Returns:
+            :class:`AdaTokEncoding` with ``tokens [B, max(lengths), D]`` (zero past each length),
+            ``lengths [B]`` and, for FSQ, ``codes``.
+        """
+        check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels)
+        if isinstance(num_tokens, str):
+            raise ValueError(
+                f"num_tokens={num_tokens!r} is not available: this AdaTok has no length policy yet "
+                "(train one with adatok_vlm.training.train_policy); pass an int or a LongTensor [B]"
+            )
+        lengths = resolve_num_tokens(num_tokens, pixel_values.shape[0], self.num_latent_tokens, self.device)
+        tokens, _, _, _ = self.forward_encoder(pixel_values.to(self.dtype))
+        return self._package(tokens, lengths)
+
+    def _package(self, tokens: torch.Tensor, lengths: torch.Tensor) -> AdaTokEncoding:
+        longest = int(lengths.max())
+        valid = token_mask(lengths, longest)
+        tokens = tokens[:, :longest].masked_fill(~valid[..., None], 0.0)
+        codes = None
+        if self.is_fsq:
+            codes = self.bottleneck.codes(tokens).masked_fill(~valid, -1)
+        return AdaTokEncoding(tokens=tokens, lengths=lengths, codes=codes)
+
+    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruct images ``[B, 3, H, W]`` in [0, 1] from tokens ``[B, L, D]`` and ``lengths [B]``.
+
+        ``lengths=None`` means every sample uses all ``L`` tokens. Values past a sample's length are
+        ignored entirely.
+        """
+        check_tokens(tokens, self.config.token_dim, self.num_latent_tokens)
+        b, length, _ = tokens.shape
+        if lengths is None:
+            lengths = torch.full((b,), length, dtype=torch.long, device=tokens.device)
+        lengths = check_lengths(lengths, b, length).to(tokens.device)
+        if not torch.isfinite(tokens.masked_fill(~token_mask(lengths, length)[..., None], 0.0)).all():
+            raise ValueError("tokens contains NaN or infinite values at valid (unpadded) positions")
+        latents = self.forward_decoder(tokens.to(self.dtype), lengths)
+        return self.latent_space.decode(latents).clamp(0.0, 1.0)
+
+    def decode_codes(self, codes: torch.LongTensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """FSQ only: reconstruct images from integer codes ``[B, L]`` (``-1`` padding allowed)."""
+        if not self.is_fsq:
+            raise ValueError("decode_codes needs an FSQ AdaTok (config.bottleneck='fsq')")
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+            raise ValueError(f"codes must be an integer tensor [B, L], got {getattr(codes, 'shape', type(codes))}")
+        if lengths is None:
+            lengths = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.long, device=codes.device)
+        lengths = check_lengths(lengths, codes.shape[0], codes.shape[1])
+        valid = token_mask(lengths, codes.shape[1])
+        tokens = self.bottleneck.codes_to_tokens(codes.masked_fill(~valid, 0))
+        return self.decode(tokens, lengths)
+
+    @torch.no_grad()
+    def reconstruction_error(self, pixel_values: torch.Tensor, num_tokens=None) -> torch.Tensor:
+        """Per-image pixel MSE ``[B]`` (images in [0, 1]) of the reconstruction from ``num_tokens``."""
+        enc = self.encode(pixel_values, num_tokens)
+        recon = self.decode(enc.tokens, enc.lengths)
+        return (recon.float() - pixel_values.float()).pow(2).flatten(1).mean(1)
+
+    def forward(self, pixel_values: torch.Tensor, num_tokens=None, return_reconstruction: bool = True,
+                generator: torch.Generator | None = None, return_dict: bool = True) -> AdaTokOutput:
+        """Nested Tail Masking forward (paper Sec. 4.1).
+
+        In training mode each sample keeps its own random prefix (``config.ntm_*``) unless
+        ``num_tokens`` is given; in eval mode all ``m`` tokens are kept by default. The loss is the
+        mean squared error in the latent space (plus the KL term of a ``"kl"`` regulariser).
+        """
+        check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels)
+        if isinstance(num_tokens, str):
+            raise ValueError(f"forward() takes num_tokens as None, an int or a LongTensor [B], got {num_tokens!r}")
+        b = pixel_values.shape[0]
+        if num_tokens is None and self.training:
+            lengths = self.sample_ntm_lengths(b, pixel_values.device, generator)
+        else:
+            lengths = resolve_num_tokens(num_tokens, b, self.num_latent_tokens, pixel_values.device)
+        tokens, _, target, aux = self.forward_encoder(pixel_values.to(self.dtype), sample=self.training)
+        latents = self.forward_decoder(tokens, lengths)                   # [B, C, h, w]
+        recon_loss = F.mse_loss(latents.float(), target.float())
+        loss = recon_loss + self.config.kl_weight * aux
+        reconstruction = self.latent_space.decode(latents) if return_reconstruction else None
+        out = AdaTokOutput(loss=loss, recon_loss=recon_loss, kl_loss=aux, reconstruction=reconstruction,
+                           latents=latents, target_latents=target, lengths=lengths, tokens=tokens)
+        return out if return_dict else out.to_tuple()
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """The decoder's output projection, for the adaptive GAN weight (gradient-norm ratio)."""
+        return self.decoder.to_patches.weight

@@ -1,0 +1,162 @@
+"""Typed training configs filled from YAML and overridden from the command line.
+
+Every entry point under ``adatok_vlm.training`` takes ``--config FILE.yaml`` and overrides any field
+as ``--section.field VALUE`` (values parsed as YAML, so ``--train.lr 3e-4``, ``--data.flip false``,
+``--model.fsq_levels [8,5,5,5]`` work). The common fields have short forms: ``--output_dir``,
+``--max_steps``, ``--seed``, ``--resume`` (all in the ``train`` section).
+
+A YAML file may start from another with ``base: other.yaml`` (relative to itself); nested mappings
+are merged, so one base file plus small per-size overrides replace copied files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SHORT_FLAGS = {"output_dir": "train.output_dir", "max_steps": "train.max_steps", "seed": "train.seed",
+               "resume": "train.resume"}
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with inheritance
+# ---------------------------------------------------------------------------------------------
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML config, resolving ``base:`` chains (relative to the including file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"config {path} includes itself through 'base:'")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        data = deep_merge(load_yaml(path.parent / base, _seen + (path,)), data)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line overrides
+# ---------------------------------------------------------------------------------------------
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
+    """``["--config", "x.yaml", "--train.lr", "1e-3", "--seed=3"]`` -> ``("x.yaml", {"train": {...}})``."""
+    config_path, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: use --section.field VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ValueError(f"missing value for --{key}")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "config":
+            config_path = value
+            continue
+        key = SHORT_FLAGS.get(key, key)
+        if "." not in key:
+            raise ValueError(f"--{key}: name a section and a field, e.g. --train.{key}")
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+    return config_path, overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# dataclass filling with type checks
+# ---------------------------------------------------------------------------------------------
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any or hint is None:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise TypeError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {value!r}")
+        return fill_dataclass(hint, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[]") for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise TypeError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TypeError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def fill_dataclass(cls, values: dict, where: str = "config"):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and ill-typed values."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in {where}; known: {sorted(names)}")
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def parse_config(cls, argv: list[str] | None = None, default_config: str | None = None):
+    """Parse ``--config FILE`` plus overrides into dataclass ``cls``; returns ``(config, raw_dict)``."""
+    argv = sys.argv[1:] if argv is None else argv
+    config_path, overrides = parse_overrides(argv)
+    config_path = config_path or default_config
+    raw = load_yaml(config_path) if config_path else {}
+    raw = deep_merge(raw, overrides)
+    return fill_dataclass(cls, raw), raw
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
