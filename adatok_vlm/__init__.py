@@ -22,7 +22,7 @@ def _register() -> None:
         from .image_processing_adatok import AdaTokImageProcessor
     except ImportError:  # the image processor module is optional at import time
         return
-    AutoImageProcessor.register(AdaTokConfig, image_processor_classes={"pil": AdaTokImageProcessor}, exist_ok=True)
+    AutoImageProcessor.register(AdaTokConfig, image_processor_classes={"pil": AdaTokImageProcessor, "torchvision": AdaTokImageProcessor}, exist_ok=True)
     globals()["AdaTokImageProcessor"] = AdaTokImageProcessor
 
 

@@ -54,6 +54,15 @@ class AdaTokConfig(PretrainedConfig):
         ntm_distribution (`str`): ``"uniform"`` over ``[a, b]`` (the paper) or ``"log_uniform"``
             (uniform in log-length: more short prefixes, a stronger coarse-to-fine pressure).
         initializer_range (`float`): std of the truncated-normal init.
+        policy_enabled (`bool`): the model carries the Adaptive Token Allocation policy (set by
+            stage-2 training; enables ``num_tokens="auto"`` and the quality/budget dial).
+        policy_min_tokens / policy_max_tokens / policy_step (`int`): the policy's length grid
+            ``[L_min, L_min + step, ..., L_max]`` (``policy_max_tokens=None`` means ``m``).
+        policy_hidden_size / policy_num_layers (`int`): the policy MLP.
+        reward_kind (`str`): ``"continuous"`` (eq. 6) or ``"structured"`` (eq. 7), used by stage 2
+            and by ``num_tokens="oracle"``; reward_alpha / reward_beta / reward_gamma /
+            reward_rl_base are the paper's alpha, beta, gamma and rl_base.
+        search_threshold (`float`): MSE a ``num_tokens="search"`` binary search must reach.
     """
 
     model_type = "adatok"
@@ -85,6 +94,18 @@ class AdaTokConfig(PretrainedConfig):
     ntm_max_tokens: int | None = None
     ntm_distribution: str = "uniform"
     initializer_range: float = 0.02
+    policy_enabled: bool = False
+    policy_min_tokens: int = 1
+    policy_max_tokens: int | None = None
+    policy_step: int = 1
+    policy_hidden_size: int = 256
+    policy_num_layers: int = 2
+    reward_kind: str = "continuous"
+    reward_alpha: float = 20.0
+    reward_beta: float = 0.2
+    reward_gamma: float = 10.0
+    reward_rl_base: float = 0.02
+    search_threshold: float = 0.02
 
     def __post_init__(self, **kwargs):
         if self.decoder_hidden_size is None:
@@ -93,6 +114,8 @@ class AdaTokConfig(PretrainedConfig):
             self.decoder_num_attention_heads = self.num_attention_heads
         if self.ntm_max_tokens is None:
             self.ntm_max_tokens = self.num_latent_tokens
+        if self.policy_max_tokens is None:
+            self.policy_max_tokens = self.num_latent_tokens
         self.fsq_levels = [int(v) for v in self.fsq_levels]
         if self.latent_space == "vae" and self.vae_config is None:
             self.vae_config = copy.deepcopy(VAE_ARCHITECTURES["va-vae-f16d32"])
@@ -142,6 +165,13 @@ class AdaTokConfig(PretrainedConfig):
                 "AdaTokConfig needs 1 <= ntm_min_tokens <= ntm_max_tokens <= num_latent_tokens, got "
                 f"{self.ntm_min_tokens}, {self.ntm_max_tokens}, {self.num_latent_tokens}"
             )
+        if not 1 <= self.policy_min_tokens <= self.policy_max_tokens <= self.num_latent_tokens or self.policy_step < 1:
+            raise ValueError(
+                "AdaTokConfig needs 1 <= policy_min_tokens <= policy_max_tokens <= num_latent_tokens and "
+                f"policy_step >= 1, got {self.policy_min_tokens}, {self.policy_max_tokens}, {self.policy_step}"
+            )
+        if self.reward_kind not in ("continuous", "structured"):
+            raise ValueError(f"AdaTokConfig.reward_kind must be 'continuous' or 'structured', got {self.reward_kind!r}")
         if self.latent_grid_size % self.patch_size:
             raise ValueError(
                 f"AdaTokConfig: the latent grid side {self.latent_grid_size} (image_size {self.image_size} / "

@@ -28,10 +28,15 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .allocation import binary_search_lengths, oracle_lengths
 from .configuration_adatok import AdaTokConfig
 from .latent_space import VAELatentSpace, build_latent_space
+from .policy import QualityCurveHead, TokenLengthPolicy, allocate_budget, length_grid
 from .quantizer import FSQBottleneck, build_bottleneck
+from .rewards import RewardSpec
 from .validation import check_lengths, check_pixel_values, check_tokens, resolve_num_tokens
+
+LENGTH_MODES = ("auto", "sample", "search", "oracle")
 
 
 # ============================================================================================
@@ -255,6 +260,9 @@ class AdaTokModel(AdaTokPreTrainedModel):
         self.decoder = AdaTokDecoder(config.token_dim, m, n, config.patch_dim, config.decoder_hidden_size,
                                      config.num_decoder_layers, config.decoder_num_attention_heads,
                                      config.mlp_ratio, config.qk_norm)
+        self.policy = self.quality_head = None
+        if config.policy_enabled:
+            self._build_policy()
         if isinstance(self.latent_space, VAELatentSpace):
             # The frozen VAE keeps diffusers' own init; mark it so post_init leaves it alone.
             for module in self.latent_space.modules():
@@ -269,6 +277,47 @@ class AdaTokModel(AdaTokPreTrainedModel):
     @property
     def is_fsq(self) -> bool:
         return isinstance(self.bottleneck, FSQBottleneck)
+
+    @property
+    def length_grid(self) -> torch.Tensor:
+        """The token counts the policy chooses among, ``[K]``."""
+        c = self.config
+        return length_grid(c.policy_min_tokens, c.policy_max_tokens, c.policy_step)
+
+    @property
+    def has_policy(self) -> bool:
+        return self.policy is not None
+
+    def _build_policy(self) -> None:
+        c = self.config
+        feature_dim = 2 * c.hidden_size
+        # Built on the CPU even inside from_pretrained's meta-device context: the heads validate
+        # their length grid with real values. They are small; their weights load right after.
+        with torch.device("cpu"):
+            grid = length_grid(c.policy_min_tokens, c.policy_max_tokens, c.policy_step)
+            self.policy = TokenLengthPolicy(feature_dim, grid, c.policy_hidden_size, c.policy_num_layers)
+            self.quality_head = QualityCurveHead(feature_dim, grid, c.policy_hidden_size, c.policy_num_layers)
+        # Both heads initialise themselves (a near-uniform policy, a plausible starting curve).
+        for module in (*self.policy.modules(), *self.quality_head.modules()):
+            module._is_hf_initialized = True
+
+    def enable_policy(self) -> TokenLengthPolicy:
+        """Attach a fresh (near-uniform) length policy and quality head for stage-2 training."""
+        self.config.policy_enabled = True
+        self._build_policy()
+        self.policy.to(self.device)
+        self.quality_head.to(self.device)
+        return self.policy
+
+    def reward_spec(self) -> RewardSpec:
+        c = self.config
+        return RewardSpec(kind=c.reward_kind, alpha=c.reward_alpha, beta=c.reward_beta, gamma=c.reward_gamma,
+                          rl_base=c.reward_rl_base)
+
+    def policy_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Detached policy input ``[B, 2*dim]``: mean patch features and mean token features."""
+        n = self.config.num_patches
+        return torch.cat([hidden[:, :n].mean(1), hidden[:, n:].mean(1)], dim=-1).detach()
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         if only_trainable:
@@ -315,21 +364,69 @@ class AdaTokModel(AdaTokPreTrainedModel):
 
         Args:
             pixel_values: float ``[B, 3, H, W]`` in [0, 1].
-            num_tokens: ``None`` (all ``m``), an int, a LongTensor ``[B]``, or ``"auto"`` (the
-                adaptive policy). Whatever the length, the tokens are the same prefix.
+            num_tokens: ``None`` (all ``m``), an int, a LongTensor ``[B]``, or a mode:
+                ``"auto"`` (the policy's most probable length: one encoder pass, no decoder call),
+                ``"sample"`` (a draw from the policy), ``"search"`` (the binary-search baseline:
+                smallest grid length with MSE <= ``config.search_threshold``), ``"oracle"`` (decode
+                every grid length, keep the best reward; evaluation only), ``{"max_mse": x}`` (the
+                fewest tokens predicted to reach MSE x) or ``{"mean_budget": n}`` (n tokens per
+                image on average, spent where the predicted gain is largest). Whatever the length,
+                the tokens are the same prefix.
         Returns:
             :class:`AdaTokEncoding` with ``tokens [B, max(lengths), D]`` (zero past each length),
             ``lengths [B]`` and, for FSQ, ``codes``.
         """
         check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels)
-        if isinstance(num_tokens, str):
-            raise ValueError(
-                f"num_tokens={num_tokens!r} is not available: this AdaTok has no length policy yet "
-                "(train one with adatok_vlm.training.train_policy); pass an int or a LongTensor [B]"
-            )
-        lengths = resolve_num_tokens(num_tokens, pixel_values.shape[0], self.num_latent_tokens, self.device)
-        tokens, _, _, _ = self.forward_encoder(pixel_values.to(self.dtype))
+        x = pixel_values.to(self.device, self.dtype)
+        if isinstance(num_tokens, (str, dict)):
+            self._check_mode(num_tokens)
+            tokens, hidden, _, _ = self.forward_encoder(x)
+            lengths = self._choose_lengths(num_tokens, x, tokens, hidden)
+        else:
+            lengths = resolve_num_tokens(num_tokens, x.shape[0], self.num_latent_tokens, self.device)
+            tokens, _, _, _ = self.forward_encoder(x)
         return self._package(tokens, lengths)
+
+    def _check_mode(self, mode) -> None:
+        if isinstance(mode, dict):
+            if len(mode) != 1 or next(iter(mode)) not in ("max_mse", "mean_budget"):
+                raise ValueError(f"num_tokens as a dict must be {{'max_mse': x}} or {{'mean_budget': n}}, got {mode!r}")
+            value = next(iter(mode.values()))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"num_tokens={mode!r}: the target must be a positive number")
+        elif mode not in LENGTH_MODES:
+            raise ValueError(f"num_tokens must be an int, a LongTensor [B], one of {LENGTH_MODES} or a dial dict, "
+                             f"got {mode!r}")
+        needs_policy = isinstance(mode, dict) or mode in ("auto", "sample")
+        if needs_policy and not self.has_policy:
+            raise ValueError(f"num_tokens={mode!r} needs the length policy, which this AdaTok does not have yet "
+                             "(train one with adatok_vlm.training.train_policy); pass an int or a LongTensor [B]")
+
+    def _choose_lengths(self, mode, x: torch.Tensor, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Lengths ``[B]`` for a mode: the policy (one pass, no decoder), search, oracle or the dial."""
+        b = x.shape[0]
+        if mode in ("search", "oracle"):
+            def error_fn(lengths: torch.Tensor) -> torch.Tensor:
+                recon = self.decode(tokens[:, : int(lengths.max())], lengths)
+                return (recon.float() - x.float()).pow(2).flatten(1).mean(1)
+
+            grid = self.length_grid.to(x.device)
+            if mode == "search":
+                return binary_search_lengths(error_fn, grid, self.config.search_threshold, b)
+            spec = self.reward_spec()
+            return oracle_lengths(error_fn, grid, lambda rl, length: spec(rl, length, self.num_latent_tokens), b)[0]
+        features = self.policy_features(hidden)
+        if mode == "auto":
+            return self.policy.mode(features)
+        if mode == "sample":
+            return self.policy.sample(features)[0]
+        if "max_mse" in mode:
+            return self.quality_head.min_length_for_quality(features, float(mode["max_mse"]))
+        budget = float(mode["mean_budget"])
+        grid = self.quality_head.grid
+        if not float(grid[0]) <= budget <= float(grid[-1]):
+            raise ValueError(f"num_tokens={{'mean_budget': {budget}}} must lie in [{int(grid[0])}, {int(grid[-1])}]")
+        return allocate_budget(self.quality_head.predict_curve(features), grid, budget).to(x.device)
 
     def _package(self, tokens: torch.Tensor, lengths: torch.Tensor) -> AdaTokEncoding:
         longest = int(lengths.max())

@@ -74,9 +74,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
         if key == "config":
             config_path = value
             continue
-        key = SHORT_FLAGS.get(key, key)
-        if "." not in key:
-            raise ValueError(f"--{key}: name a section and a field, e.g. --train.{key}")
+        key = SHORT_FLAGS.get(key, key)   # a key without a dot sets a top-level field (e.g. --tokenizer)
         node = overrides
         *parents, leaf = key.split(".")
         for part in parents:
@@ -119,6 +117,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise TypeError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where} must be a number, got {value!r}")
         return float(value)

@@ -1,0 +1,119 @@
+"""Stage-1 training: the loop learns, resumes exactly, stops on non-finite losses, exports for AutoModel."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from adatok_vlm.training.config import fill_dataclass
+from adatok_vlm.training.engine import NonFiniteLossError
+from adatok_vlm.training.train_tokenizer import TokenizerTrainingConfig, main, train
+
+SMALL_MODEL = {"preset": "adatok-tiny", "hidden_size": 32, "decoder_hidden_size": 32, "num_attention_heads": 2,
+               "decoder_num_attention_heads": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
+               "num_latent_tokens": 8}
+
+
+def config(tmp_path, **train):
+    raw = {
+        "model": dict(SMALL_MODEL),
+        "data": {"dataset": "natural_crops", "num_crops": 256, "preload": True},
+        "train": {"output_dir": str(tmp_path), "max_steps": 4, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0,
+                  "lr_schedule": "constant", "log_every": 1, "sample_every": 0, "save_every": 2, "seed": 3,
+                  "num_threads": 2, **train},
+    }
+    return fill_dataclass(TokenizerTrainingConfig, raw)
+
+
+def losses(out_dir):
+    rows = [json.loads(l) for l in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_twenty_steps_of_adatok_tiny_lower_the_loss(tmp_path):
+    cfg = fill_dataclass(TokenizerTrainingConfig, {
+        "model": {"preset": "adatok-tiny"},
+        "data": {"dataset": "natural_crops", "num_crops": 512, "preload": True},
+        "train": {"output_dir": str(tmp_path), "max_steps": 20, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2,
+                  "log_every": 1, "sample_every": 10, "save_every": 10, "seed": 0},
+    })
+    summary = train(cfg)
+    curve = losses(tmp_path)
+    assert len(curve) == 20
+    assert sum(curve[-4:]) / 4 < 0.8 * sum(curve[:4]) / 4, curve
+    assert (tmp_path / "samples" / "step-00000010.png").is_file()
+    model = transformers.AutoModel.from_pretrained(summary["model_dir"])
+    processor = transformers.AutoImageProcessor.from_pretrained(summary["model_dir"])
+    assert type(model).__name__ == "AdaTokModel" and processor.size == 32
+    assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_resume_is_exact(tmp_path):
+    straight = tmp_path / "straight"
+    train(config(straight, max_steps=4))
+    resumed = tmp_path / "resumed"
+    train(config(resumed, max_steps=2))
+    summary = main([*_flags(config(resumed, max_steps=4, resume="auto"))])
+    assert summary["steps"] == 4
+    a = load_file(str(straight / "checkpoints" / "step-00000004" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    oa = load_file(str(straight / "checkpoints" / "step-00000004" / "optimizer.optim.safetensors"))
+    ob = load_file(str(resumed / "checkpoints" / "step-00000004" / "optimizer.optim.safetensors"))
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert losses(straight)[2:] == losses(resumed)[2:]
+
+
+def _flags(cfg):
+    import dataclasses
+
+    flags = []
+    for section in ("data", "train"):
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if value is not None:
+                flags += [f"--{section}.{key}", json.dumps(value)]
+    for key, value in cfg.model.items():
+        flags += [f"--model.{key}", json.dumps(value)]
+    return flags
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, monkeypatch):
+    from adatok_vlm.tokenizer import modeling_adatok
+
+    real_forward = modeling_adatok.AdaTokModel.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(modeling_adatok.AdaTokModel, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 2") as info:
+        train(config(tmp_path, max_steps=6, save_every=0))
+    assert info.value.step == 2
+    assert Path(info.value.checkpoint).name == "step-00000002"
+    assert json.loads((Path(info.value.checkpoint) / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_perceptual_and_gan_losses_train_with_two_optimizers(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADATOK_CACHE", str(tmp_path / "cache"))
+    cfg = config(tmp_path, max_steps=3, save_every=3)
+    cfg.loss.perceptual_weight = 0.1
+    cfg.loss.perceptual_net = "alex"
+    cfg.loss.gan_weight = 0.1
+    cfg.loss.gan_start_step = 1
+    cfg.loss.disc_base_channels = 8
+    cfg.loss.disc_num_layers = 2
+    train(cfg)
+    ckpt = tmp_path / "checkpoints" / "step-00000003"
+    assert (ckpt / "discriminator.safetensors").is_file() and (ckpt / "disc_optimizer.optim.json").is_file()
+    rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

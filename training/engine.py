@@ -1,0 +1,146 @@
+"""Pieces every training loop shares: LR schedule, EMA weights, the non-finite guard, run logging.
+
+Entry points (``train_tokenizer``, ``train_policy``, ...) stay short by composing these.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------
+# learning rate
+# ---------------------------------------------------------------------------------------------
+def lr_at(progress: float, step: int, base_lr: float, warmup_steps: int, schedule: str = "cosine",
+          min_lr_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup_steps``, then ``schedule`` ("cosine", "linear", "constant") over
+    ``progress`` in [0, 1] (the fraction of the run done, by steps or by time budget)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    floor = base_lr * min_lr_ratio
+    if schedule == "cosine":
+        return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return floor + (base_lr - floor) * (1.0 - progress)
+    if schedule == "constant":
+        return base_lr
+    raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA
+# ---------------------------------------------------------------------------------------------
+class EMA(nn.Module):
+    """Exponential moving average of a model's trainable parameters (buffers are copied).
+
+    ``decay`` ramps as ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the
+    random init. ``copy_to(model)`` writes the averaged weights into a model (e.g. for export).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        super().__init__()
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        n = float(self.num_updates)
+        decay = min(self.decay, (1.0 + n) / (10.0 + n))
+        for (name, ema_p), (_, p) in zip(self.shadow.named_parameters(), model.named_parameters()):
+            if p.requires_grad:
+                ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+            else:
+                ema_p.copy_(p.detach())
+        for ema_b, b in zip(self.shadow.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(self.shadow.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# guards and logging
+# ---------------------------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    """Raised after a checkpoint was saved, when a loss becomes NaN or infinite."""
+
+    def __init__(self, step: int, name: str, value: float, checkpoint: str | None):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"non-finite {name} ({value}) at step {step}; training stopped"
+                         + (f", state saved to {checkpoint}" if checkpoint else ""))
+
+
+def check_finite(losses: dict[str, torch.Tensor]) -> tuple[str, float] | None:
+    """Return ``(name, value)`` of the first non-finite loss, else None."""
+    for name, value in losses.items():
+        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if not math.isfinite(v):
+            return name, v
+    return None
+
+
+class RunLogger:
+    """Appends JSON lines to ``<dir>/log.jsonl`` and, where available, writes TensorBoard scalars."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.dir = Path(output_dir)
+        self.tb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.dir / "log.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except Exception:  # tensorboard is optional at run time
+                self.tb = None
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in values.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+def configure_threads(num_threads: int | None) -> None:
+    """Use all cores on CPU unless told otherwise (PyTorch sometimes picks fewer)."""
+    if num_threads is None:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(num_threads)))

@@ -1,0 +1,239 @@
+"""Stage 2: train the Adaptive Token Allocation policy with REINFORCE (paper Sec. 4.2, eq. 6-9).
+
+    python -m adatok_vlm.training.train_policy --config configs/policy/adatok-tiny.yaml \
+        --tokenizer outputs/demo/model --output_dir outputs/policy --max_steps 600
+
+The stage-1 tokenizer is frozen. Per batch: one encoder pass gives the policy's features; a length
+``L ~ pi(L | f)`` is sampled per image; the reconstruction from ``L`` tokens gives the reward
+(continuous eq. 6 or structured eq. 7); a second decode at the policy's rounded mean length gives
+the baseline ``R(L_mean)``; the advantage is eq. 8 and the loss eq. 9 with a decaying entropy bonus.
+The same run fits the quality head (rl(L) curves) on the losses it measured, for the quality/budget
+dial. The exported model answers ``encode(x, num_tokens="auto")``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..tokenizer import AdaTokModel
+from ..tokenizer.rewards import entropy_weight, reinforce_loss, relative_advantage
+from .batches import PreloadedImages, ResumableBatchSampler
+from .checkpointing import CheckpointManager
+from .config import parse_config
+from .engine import NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
+from .launch import make_accelerator
+from .train_tokenizer import DataConfig, build_image_processor, build_train_data
+
+POLICY_FIELDS = ("policy_min_tokens", "policy_max_tokens", "policy_step", "policy_hidden_size", "policy_num_layers",
+                 "reward_kind", "reward_alpha", "reward_beta", "reward_gamma", "reward_rl_base", "search_threshold")
+
+
+@dataclass
+class PolicyTrainConfig:
+    output_dir: str = "outputs/policy"
+    seed: int = 0
+    max_steps: int = 1000
+    time_budget_s: float | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 4e-5
+    grad_clip: float = 1.0
+    advantage: str = "relative"              # eq. 8 ("relative") or the plain baseline ("baseline")
+    mu: float = 0.1                          # eq. 8
+    entropy_start: float = 0.05              # lambda(0) of eq. 9
+    entropy_end: float = 0.0
+    entropy_schedule: str = "linear"         # linear | cosine | exponential | constant
+    curve_weight: float = 1.0                # weight of the quality-head regression (the dial)
+    curve_extra_lengths: int = 1             # extra random lengths decoded per image for the curve fit
+    mixed_precision: str = "auto"
+    num_threads: int | None = None
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    export: bool = True
+
+
+@dataclass
+class PolicyTrainingConfig:
+    tokenizer: str = "outputs/demo/model"    # the stage-1 model folder (save_pretrained)
+    model: dict = field(default_factory=dict)  # policy_* / reward_* / search_threshold overrides
+    data: DataConfig = field(default_factory=DataConfig)
+    train: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
+
+
+def load_tokenizer_for_policy(path: str, overrides: dict) -> AdaTokModel:
+    """Load the stage-1 model, apply policy/reward overrides and attach a fresh policy (unless resuming one)."""
+    unknown = sorted(set(overrides) - set(POLICY_FIELDS))
+    if unknown:
+        raise ValueError(f"stage 2 can only override {POLICY_FIELDS} of the tokenizer config, got {unknown}")
+    model = AdaTokModel.from_pretrained(path)
+    for key, value in overrides.items():
+        setattr(model.config, key, value)
+    model.config.__post_init__()   # re-validate the changed fields
+    model.requires_grad_(False)
+    model.enable_policy()
+    return model
+
+
+def _mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (recon.float() - x.float()).pow(2).flatten(1).mean(1)
+
+
+def train(cfg: PolicyTrainingConfig) -> dict:
+    tc = cfg.train
+    configure_threads(tc.num_threads)
+    accelerator = make_accelerator(tc.mixed_precision)
+    is_main = accelerator.is_main_process
+    out_dir = Path(tc.output_dir)
+    torch.manual_seed(tc.seed)
+    model = load_tokenizer_for_policy(cfg.tokenizer, cfg.model).to(accelerator.device).eval()
+    torch.manual_seed(tc.seed + 1000 * accelerator.process_index)
+    policy, curve_head = model.policy, model.quality_head
+    grid = policy.grid
+    m = model.num_latent_tokens
+    spec = model.reward_spec()
+
+    data, collate = build_train_data(_as_tokenizer_cfg(cfg), model.config)
+    sampler = ResumableBatchSampler(len(data), tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
+                                    world_size=accelerator.num_processes)
+    heads = torch.nn.ModuleDict({"policy": policy, "quality_head": curve_head})
+    params = [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    heads, optimizer = accelerator.prepare(heads, optimizer)
+    raw_heads = accelerator.unwrap_model(heads)
+    ckpt = CheckpointManager(out_dir, {"heads": raw_heads}, {"optimizer": optimizer}, keep=tc.keep_checkpoints,
+                             is_main_process=is_main)
+    state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "history": []}
+    if tc.resume and (tc.resume != "auto" or ckpt.latest() is not None):
+        state = ckpt.load(None if tc.resume == "auto" else tc.resume)
+    sampler.set_position(state["epoch"], state["batch"])
+    logger = RunLogger(out_dir, enabled=is_main)
+    if is_main:
+        print(f"AdaTok stage 2 (ATA): lengths {int(grid[0])}..{int(grid[-1])} ({grid.numel()} choices), "
+              f"{spec.kind} reward, {tc.advantage} advantage (mu={tc.mu}), global batch "
+              f"{tc.batch_size * accelerator.num_processes}, {sum(p.numel() for p in params) / 1e3:.1f}K trainable")
+
+    bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc="stage 2 (ATA)", dynamic_ncols=True)
+    started = time.time() - state["elapsed_s"]
+    done = False
+    heads.train()
+    while not done:
+        iterator = (data.batch(ix) for ix in sampler) if isinstance(data, PreloadedImages) else \
+            torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+        for batch in iterator:
+            step = state["step"]
+            x = batch["pixel_values"].to(accelerator.device)
+            elapsed = time.time() - started
+            progress = step / max(1, tc.max_steps)
+            if tc.time_budget_s:
+                progress = max(progress, elapsed / tc.time_budget_s)
+            lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+            set_lr(optimizer, lr)
+            with torch.no_grad():
+                tokens, hidden, _, _ = model.forward_encoder(x)
+                features = model.policy_features(hidden)
+            lengths, log_prob, entropy = policy.sample(features)
+            mean_lengths = policy.rounded_expected_length(features)
+            with torch.no_grad():
+                rl = _mse(model.decode(tokens[:, : int(lengths.max())], lengths), x)
+                rl_mean = _mse(model.decode(tokens[:, : int(mean_lengths.max())], mean_lengths), x)
+                measured_l, measured_rl = [lengths, mean_lengths], [rl, rl_mean]
+                for _ in range(tc.curve_extra_lengths):
+                    extra = grid[torch.randint(0, grid.numel(), (x.shape[0],), device=grid.device)]
+                    measured_l.append(extra)
+                    measured_rl.append(_mse(model.decode(tokens[:, : int(extra.max())], extra), x))
+            reward = spec(rl, lengths, m)
+            baseline = spec(rl_mean, mean_lengths, m)
+            advantage = relative_advantage(reward, baseline, tc.mu, tc.advantage)
+            lam = entropy_weight(step, tc.max_steps, tc.entropy_start, tc.entropy_end, tc.entropy_schedule)
+            pg_loss, pg_logs = reinforce_loss(log_prob, advantage, entropy, lam)
+            curve_loss = curve_head.curve_loss(features, torch.stack(measured_l, 1), torch.stack(measured_rl, 1))
+            loss = pg_loss + tc.curve_weight * curve_loss
+            checks = {"loss": loss, "reward": reward.mean(), "advantage": advantage.mean(),
+                      "log_prob": log_prob.mean(), "curve_loss": curve_loss}
+            bad = check_finite(checks)
+            if bad is not None:
+                path = ckpt.save(step, state)
+                raise NonFiniteLossError(step, bad[0], bad[1], str(path) if path else None)
+            accelerator.backward(loss)
+            if tc.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state["batch"] += 1
+            state["step"] = step = step + 1
+            state["elapsed_s"] = elapsed = time.time() - started
+            bar.update(1)
+            record = {"loss": float(loss.detach()), "reward": float(reward.mean()),
+                      "baseline_reward": float(baseline.mean()), "entropy": float(entropy.mean().detach()),
+                      "log_prob": float(log_prob.mean().detach()), "entropy_weight": lam,
+                      "length_mean": float(lengths.float().mean()), "length_std": float(lengths.float().std()),
+                      "rl": float(rl.mean()), "curve_loss": float(curve_loss.detach()), "lr": lr}
+            state["history"].append({k: record[k] for k in ("reward", "entropy", "log_prob", "length_mean")} | {"step": step})
+            _warn_on_collapse(state["history"], tc.max_steps, is_main)
+            if step % tc.log_every == 0 or step == 1:
+                logger.log(step, record | pg_logs)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", L=f"{record['length_mean']:.1f}",
+                                H=f"{record['entropy']:.2f}")
+            if tc.save_every and step % tc.save_every == 0:
+                ckpt.save(step, state)
+            if step >= tc.max_steps or (tc.time_budget_s and elapsed >= tc.time_budget_s):
+                done = True
+                break
+        else:
+            state["epoch"] += 1
+            state["batch"] = 0
+            sampler.set_position(state["epoch"], 0)
+    bar.close()
+    final = ckpt.save(state["step"], state)
+    summary = {"steps": state["step"], "wall_s": state["elapsed_s"], "checkpoint": str(final) if final else None}
+    if is_main:
+        from .visualize import training_curves
+
+        training_curves(state["history"], out_dir)
+        if tc.export:
+            export_dir = out_dir / "model"
+            model.save_pretrained(export_dir)
+            build_image_processor(model.config, cfg.data, train=False).save_pretrained(export_dir)
+            summary["model_dir"] = str(export_dir)
+    logger.close()
+    return summary
+
+
+def _warn_on_collapse(history: list[dict], max_steps: int, is_main: bool) -> None:
+    """Warn once if the policy's entropy collapses (~0) within the first 10% of training."""
+    step = history[-1]["step"]
+    if is_main and step == max(1, max_steps // 10) and history[-1]["entropy"] < 0.05:
+        warnings.warn(f"the length policy's entropy is {history[-1]['entropy']:.3f} after {step} steps "
+                      "(10% of training): it has collapsed early; raise train.entropy_start or lower train.lr")
+
+
+def _as_tokenizer_cfg(cfg: PolicyTrainingConfig):
+    """Adapter so the stage-1 data builder serves stage 2 (same data section, same seed)."""
+    from .train_tokenizer import TokenizerTrainingConfig, TrainConfig
+
+    return TokenizerTrainingConfig(data=cfg.data, train=TrainConfig(seed=cfg.train.seed))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_config(PolicyTrainingConfig, argv)
+    summary = train(cfg)
+    if summary.get("model_dir"):
+        print(f"exported model with policy: {summary['model_dir']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

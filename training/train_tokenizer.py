@@ -1,0 +1,355 @@
+"""Stage 1: train the AdaTok tokenizer with Nested Tail Masking (paper Sec. 4.1, eq. 5).
+
+    python -m adatok_vlm.training.train_tokenizer --config configs/tokenizer/adatok-tiny.yaml \
+        --output_dir outputs/tiny --max_steps 2000 --train.lr 2e-3
+    accelerate launch -m adatok_vlm.training.train_tokenizer --config configs/tokenizer/adatok-s.yaml ...
+
+Set-up lives here; the loop's shared pieces (LR schedule, EMA, checkpoints, logging) live in
+``engine`` and ``checkpointing``. ``--resume auto`` continues from the latest complete checkpoint
+with the same step, optimizer, EMA, data position and RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..tokenizer import AdaTokConfig, AdaTokModel
+from .batches import PreloadedImages, ResumableBatchSampler, collate_preloaded, preload_images
+from .checkpointing import CheckpointManager
+from .config import parse_config, to_dict
+from .engine import EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
+from .evaluation import default_lengths
+from .launch import make_accelerator
+
+
+# =============================================================================================
+# config
+# =============================================================================================
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"          # fashion_mnist | natural_crops | a folder | a save_to_disk dir | a cached hub name
+    train_split: str = "train"
+    eval_split: str = "test"
+    resize_mode: str = "pad"                 # "pad" letter-boxes small images (28 -> 32); "shortest_edge" resizes
+    crop: str = "center"
+    flip: bool = False                       # random horizontal flips (seeded by step: resumable)
+    preload: bool = True                     # process the whole split once into memory (small data sets)
+    num_workers: int = 0
+    limit: int | None = None                 # use only the first N training images
+    num_crops: int = 20000                   # natural_crops only
+
+
+@dataclass
+class LossConfig:
+    perceptual_weight: float = 0.0           # lambda_p (eq. 5)
+    perceptual_net: str = "vgg"
+    gan_weight: float = 0.0                  # lambda_g (eq. 5)
+    gan_start_step: int = 0
+    adaptive_gan_weight: bool = True
+    lecam_weight: float = 0.0
+    disc_lr: float | None = None             # defaults to train.lr
+    disc_base_channels: int = 64
+    disc_num_layers: int = 3
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/tokenizer"
+    seed: int = 0
+    max_steps: int = 1000
+    time_budget_s: float | None = None       # stop (and finish the LR schedule) within this wall time
+    batch_size: int = 64                     # per device
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 4e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0                   # 0 disables EMA
+    mixed_precision: str = "auto"            # bf16 on GPUs that support it, fp32 on CPU
+    num_threads: int | None = None
+    log_every: int = 10
+    sample_every: int = 500
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None                # "auto" | a checkpoint folder
+    export: bool = True                      # save_pretrained the final (EMA) model to <output_dir>/model
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    model: dict = field(default_factory=lambda: {"preset": "adatok-tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_model_config(section: dict) -> AdaTokConfig:
+    """``{"preset": name, **overrides}`` (or plain AdaTokConfig fields) -> AdaTokConfig."""
+    section = dict(section)
+    preset = section.pop("preset", None)
+    return AdaTokConfig.from_preset(preset, **section) if preset else AdaTokConfig(**section)
+
+
+# =============================================================================================
+# data
+# =============================================================================================
+def build_image_processor(model_config: AdaTokConfig, data: DataConfig, train: bool):
+    from ..image_processing_adatok import AdaTokImageProcessor
+
+    return AdaTokImageProcessor(size=model_config.image_size, resize_mode=data.resize_mode,
+                                crop="random" if (train and data.crop == "random") else "center", do_flip=False)
+
+
+def load_split(data: DataConfig, split: str, seed: int = 0):
+    from .data import load_image_dataset
+
+    kwargs = {"num_crops": data.num_crops, "seed": seed} if data.dataset == "natural_crops" else {}
+    return load_image_dataset(data.dataset, split=split, **kwargs)
+
+
+def build_train_data(cfg: TokenizerTrainingConfig, model_config: AdaTokConfig):
+    dataset = load_split(cfg.data, cfg.data.train_split, cfg.train.seed)
+    if cfg.data.limit:
+        dataset = dataset.select(range(min(cfg.data.limit, len(dataset))))
+    processor = build_image_processor(model_config, cfg.data, train=True)
+    if cfg.data.preload:
+        return preload_images(dataset, processor), collate_preloaded
+    from .data import ImageTransformDataset, collate_images
+
+    return ImageTransformDataset(dataset, processor), collate_images
+
+
+def flip_batch(pixels: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """Random horizontal flips drawn from (seed, step): the same on resume."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    flip = torch.rand(pixels.shape[0], generator=g) < 0.5
+    return torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(-1), pixels)
+
+
+# =============================================================================================
+# the loop
+# =============================================================================================
+def train(cfg: TokenizerTrainingConfig) -> dict:
+    """Run stage-1 training; returns a summary (steps, wall time, images/s, export path)."""
+    tc = cfg.train
+    configure_threads(tc.num_threads)
+    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum)
+    out_dir = Path(tc.output_dir)
+    is_main = accelerator.is_main_process
+
+    # Same init on every rank, different data randomness per rank.
+    torch.manual_seed(tc.seed)
+    model_config = build_model_config(cfg.model)
+    model = AdaTokModel(model_config)
+    torch.manual_seed(tc.seed + 1000 * accelerator.process_index)
+
+    data, collate = build_train_data(cfg, model_config)
+    sampler = ResumableBatchSampler(len(data), tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
+                                    world_size=accelerator.num_processes)
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.data.num_workers > 0)
+    fast_batches = isinstance(data, PreloadedImages) and cfg.data.num_workers == 0
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    loss_fn, disc, disc_opt = None, None, None
+    if cfg.loss.perceptual_weight > 0 or cfg.loss.gan_weight > 0:
+        from ..tokenizer.losses import AdaTokStage1Loss
+
+        lc = cfg.loss
+        loss_fn = AdaTokStage1Loss(perceptual_weight=lc.perceptual_weight,
+                                   perceptual_net=lc.perceptual_net if lc.perceptual_weight > 0 else None,
+                                   gan_weight=lc.gan_weight, gan_start_step=lc.gan_start_step,
+                                   adaptive_gan_weight=lc.adaptive_gan_weight, lecam_weight=lc.lecam_weight,
+                                   disc_base_channels=lc.disc_base_channels, disc_num_layers=lc.disc_num_layers)
+        if lc.gan_weight > 0:
+            disc = loss_fn.discriminator
+            disc_opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or tc.lr, betas=(0.5, 0.9),
+                                         weight_decay=tc.weight_decay)
+    if disc is not None:
+        model, optimizer, disc, disc_opt = accelerator.prepare(model, optimizer, disc, disc_opt)
+        loss_fn.discriminator = disc   # the wrapped one, so its gradients are synchronised across ranks
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if loss_fn is not None:
+        loss_fn.to(accelerator.device)
+    raw_model = accelerator.unwrap_model(model)
+    ema = EMA(raw_model, tc.ema_decay) if tc.ema_decay > 0 else None
+
+    modules = {"model": raw_model}
+    optimizers = {"optimizer": optimizer}
+    if ema is not None:
+        modules["ema"] = ema
+    if disc is not None:
+        modules["discriminator"] = accelerator.unwrap_model(disc)
+        optimizers["disc_optimizer"] = disc_opt
+    ckpt = CheckpointManager(out_dir, modules, optimizers, keep=tc.keep_checkpoints, is_main_process=is_main)
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "images": 0, "skipped_images": 0}
+    if tc.resume:
+        path = None if tc.resume == "auto" else tc.resume
+        if tc.resume != "auto" or ckpt.latest() is not None:
+            state = ckpt.load(path)
+            if is_main:
+                print(f"resumed from {path or ckpt.latest()} at step {state['step']}")
+    sampler.set_position(state["epoch"], state["batch"])
+
+    global_batch = tc.batch_size * tc.grad_accum * accelerator.num_processes
+    logger = RunLogger(out_dir, enabled=is_main)
+    if is_main:
+        print(f"AdaTok stage 1: {model_config.num_latent_tokens} tokens, "
+              f"{raw_model.num_parameters(only_trainable=True) / 1e6:.2f}M trainable parameters, "
+              f"{len(data)} images, global batch {global_batch} = {tc.batch_size} x {tc.grad_accum} accumulation "
+              f"x {accelerator.num_processes} processes, device {accelerator.device}, "
+              f"mixed precision {accelerator.mixed_precision}")
+        if getattr(data, "num_skipped", 0):
+            print(f"skipped {data.num_skipped} unreadable images while preprocessing")
+    sample_images = _sample_images(data, 8)
+
+    def progress_fraction(step: int, elapsed: float) -> float:
+        p = step / max(1, tc.max_steps)
+        if tc.time_budget_s:
+            p = max(p, elapsed / tc.time_budget_s)
+        return p
+
+    def save(step: int) -> Path | None:
+        accelerator.wait_for_everyone()
+        path = ckpt.save(step, state)
+        accelerator.wait_for_everyone()
+        return path
+
+    bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc="stage 1 (NTM)",
+               dynamic_ncols=True)
+    started = time.time() - state["elapsed_s"]
+    last_log_time, last_log_images = time.time(), state["images"]
+    model.train()
+    done = False
+    while not done:
+        for batch in loader if not fast_batches else _fast_iter(data, sampler):
+            step = state["step"]
+            pixels = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+            state["skipped_images"] += int(batch.get("num_skipped", 0))
+            if cfg.data.flip:
+                pixels = flip_batch(pixels, tc.seed + accelerator.process_index, step)
+            elapsed = time.time() - started
+            lr = lr_at(progress_fraction(step, elapsed), step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+            set_lr(optimizer, lr)
+            with accelerator.accumulate(model):
+                out = model(pixels, return_reconstruction=loss_fn is not None)
+                losses = {"recon_loss": out.recon_loss}
+                loss = out.loss
+                if loss_fn is not None:
+                    loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, out.loss, step,
+                                                        raw_model.last_layer_weight())
+                    losses.update({k: torch.as_tensor(v) for k, v in logs.items()})
+                losses["loss"] = loss
+                bad = check_finite(losses)
+                if bad is not None:
+                    path = save(step)
+                    bar.close()
+                    logger.close()
+                    raise NonFiniteLossError(step, bad[0], bad[1], str(path) if path else None)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and tc.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if disc is not None:
+                    d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
+                    accelerator.backward(d_loss)
+                    disc_opt.step()
+                    disc_opt.zero_grad(set_to_none=True)
+                    losses.update({k: torch.as_tensor(v) for k, v in d_logs.items()})
+            state["batch"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.update(raw_model)
+            state["step"] = step = step + 1
+            state["images"] += global_batch
+            state["elapsed_s"] = elapsed = time.time() - started
+            bar.update(1)
+            if step % tc.log_every == 0 or step == 1:
+                now = time.time()
+                ips = (state["images"] - last_log_images) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_images = now, state["images"]
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                values.update(lr=lr, images_per_s=ips, mean_kept_tokens=float(out.lengths.float().mean()))
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                logger.log(step, values)
+                postfix = {"loss": f"{values['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"}
+                if tc.time_budget_s:
+                    postfix["left"] = f"{max(0.0, tc.time_budget_s - elapsed):.0f}s"
+                bar.set_postfix(postfix)
+            if is_main and tc.sample_every and step % tc.sample_every == 0 and sample_images is not None:
+                from .visualize import reconstruction_grid
+
+                reconstruction_grid(raw_model, sample_images, default_lengths(model_config.num_latent_tokens),
+                                    out_dir / "samples" / f"step-{step:08d}.png")
+                model.train()
+            if tc.save_every and step % tc.save_every == 0:
+                save(step)
+            if step >= tc.max_steps or (tc.time_budget_s and elapsed >= tc.time_budget_s):
+                done = True
+                break
+        else:
+            state["epoch"] += 1
+            state["batch"] = 0
+            sampler.set_position(state["epoch"], 0)
+            if is_main and state["skipped_images"]:
+                print(f"epoch {state['epoch']}: {state['skipped_images']} unreadable images skipped so far")
+    bar.close()
+    final_ckpt = save(state["step"])
+    summary = {"steps": state["step"], "wall_s": state["elapsed_s"],
+               "images_per_s": state["images"] / max(state["elapsed_s"], 1e-9),
+               "num_parameters": raw_model.num_parameters(only_trainable=True),
+               "skipped_images": state["skipped_images"] + int(getattr(data, "num_skipped", 0)),
+               "checkpoint": str(final_ckpt) if final_ckpt else None}
+    if tc.export and is_main:
+        export_dir = out_dir / "model"
+        export_model = raw_model
+        if ema is not None:
+            export_model = ema.shadow
+        export_model.save_pretrained(export_dir)
+        build_image_processor(model_config, cfg.data, train=False).save_pretrained(export_dir)
+        summary["model_dir"] = str(export_dir)
+        logger.log(state["step"], {"event": "export", **{k: v for k, v in summary.items() if k != "checkpoint"}})
+    accelerator.wait_for_everyone()
+    logger.close()
+    return summary
+
+
+def _fast_iter(data: PreloadedImages, sampler: ResumableBatchSampler):
+    for indices in sampler:
+        yield data.batch(indices)
+
+
+def _sample_images(data, count: int) -> torch.Tensor | None:
+    if isinstance(data, PreloadedImages) and len(data) >= count:
+        return data.pixels[:count].float() / 255.0
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_config(TokenizerTrainingConfig, argv)
+    summary = train(cfg)
+    if summary.get("model_dir"):
+        print(f"exported model: {summary['model_dir']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
