@@ -8,6 +8,12 @@
 
 from transformers import AutoConfig, AutoModel
 
+from .generator import AdaTokDiT, AdaTokDiTConfig, ClassToImagePipeline
+from .generator import register as _register_generator
+from .configuration_vlm import AdaTokVLMConfig
+from .modeling_vlm import AdaTokVLMForCausalLM
+from .modeling_vlm import register as _register_vlm
+from .processing_vlm import AdaTokVLMProcessor
 from .tokenizer import AdaTokConfig, AdaTokEncoding, AdaTokModel
 
 __version__ = "0.1.0"
@@ -16,6 +22,8 @@ __version__ = "0.1.0"
 def _register() -> None:
     AutoConfig.register(AdaTokConfig.model_type, AdaTokConfig, exist_ok=True)
     AutoModel.register(AdaTokConfig, AdaTokModel, exist_ok=True)
+    _register_generator()
+    _register_vlm()
     try:
         from transformers import AutoImageProcessor
 
@@ -28,4 +36,8 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["AdaTokConfig", "AdaTokEncoding", "AdaTokModel", "AdaTokImageProcessor", "__version__"]
+__all__ = [
+    "AdaTokConfig", "AdaTokEncoding", "AdaTokModel", "AdaTokImageProcessor",
+    "AdaTokDiTConfig", "AdaTokDiT", "ClassToImagePipeline",
+    "AdaTokVLMConfig", "AdaTokVLMForCausalLM", "AdaTokVLMProcessor", "__version__",
+]

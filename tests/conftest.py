@@ -12,7 +12,8 @@ import torch
 import adatok_vlm  # noqa: F401  (registers the Auto classes)
 from adatok_vlm import AdaTokConfig, AdaTokModel
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: many tests run small ops, which OpenMP's spinning slows badly when cores are shared.
+torch.set_num_threads(1)
 
 # A tiny diffusers AutoencoderKL (f4, 4 latent channels), randomly initialised on purpose.
 TINY_VAE = {

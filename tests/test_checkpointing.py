@@ -98,7 +98,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_kill_9_during_saves_leaves_a_loadable_latest(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

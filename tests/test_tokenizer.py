@@ -202,3 +202,14 @@ def test_every_preset_has_a_yaml_config_naming_it(name):
     model = dict(raw["model"])
     assert model.pop("preset") == name
     assert AdaTokConfig.from_preset(name, **model).to_dict() == AdaTokConfig.from_preset(name).to_dict() or model
+
+
+def test_token_noise_is_training_only(images):
+    model = tiny_model("continuous", token_regularizer="layernorm", token_noise_std=0.5)
+    a, b = model.encode(images), model.encode(images)
+    assert torch.equal(a.tokens, b.tokens), "inference is deterministic"
+    model.train()
+    t1 = model(images, num_tokens=12).tokens
+    t2 = model(images, num_tokens=12).tokens
+    assert (t1 - t2).abs().mean() > 0.1, "training tokens carry noise"
+    assert torch.allclose(a.tokens.pow(2).mean(-1), torch.ones(4, 12), atol=1e-2), "layernorm tokens"

@@ -48,6 +48,8 @@ class AdaTokConfig(PretrainedConfig):
         token_regularizer (`str`): continuous tokens only: ``"none"``, ``"layernorm"`` (parameter-free
             normalisation of each token) or ``"kl"`` (a diagonal Gaussian posterior; the mean is the
             token at inference and ``kl_weight`` weighs the KL term in training).
+        token_noise_std (`float`): continuous tokens only: std of Gaussian noise added to the tokens
+            in training (a per-token capacity limit that makes later tokens carry detail).
         fsq_levels (`list[int]`): levels per channel of the FSQ quantiser.
         ntm_min_tokens / ntm_max_tokens (`int`): the range ``[a, b]`` from which every training sample
             draws the length of the prefix it keeps (paper eq. 4); ``ntm_max_tokens=None`` means ``m``.
@@ -89,6 +91,7 @@ class AdaTokConfig(PretrainedConfig):
     bottleneck: str = "continuous"
     token_regularizer: str = "none"
     kl_weight: float = 0.0
+    token_noise_std: float = 0.0
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
     ntm_min_tokens: int = 1
     ntm_max_tokens: int | None = None
@@ -141,6 +144,8 @@ class AdaTokConfig(PretrainedConfig):
             raise ValueError(
                 f"AdaTokConfig.token_regularizer must be one of {TOKEN_REGULARIZERS}, got {self.token_regularizer!r}"
             )
+        if not self.token_noise_std >= 0:
+            raise ValueError(f"AdaTokConfig.token_noise_std must be >= 0, got {self.token_noise_std!r}")
         if self.ntm_distribution not in NTM_DISTRIBUTIONS:
             raise ValueError(
                 f"AdaTokConfig.ntm_distribution must be one of {NTM_DISTRIBUTIONS}, got {self.ntm_distribution!r}"

@@ -256,7 +256,7 @@ class AdaTokModel(AdaTokPreTrainedModel):
         self.encoder = AdaTokEncoder(config.patch_dim, n, m, config.hidden_size, config.num_encoder_layers,
                                      config.num_attention_heads, config.mlp_ratio, config.qk_norm)
         self.bottleneck = build_bottleneck(config.bottleneck, config.hidden_size, config.token_dim,
-                                           config.token_regularizer, config.fsq_levels)
+                                           config.token_regularizer, config.fsq_levels, config.token_noise_std)
         self.decoder = AdaTokDecoder(config.token_dim, m, n, config.patch_dim, config.decoder_hidden_size,
                                      config.num_decoder_layers, config.decoder_num_attention_heads,
                                      config.mlp_ratio, config.qk_norm)

@@ -25,10 +25,11 @@ class ContinuousBottleneck(nn.Module):
     the loss returned is the mean KL to N(0, I)).
     """
 
-    def __init__(self, in_dim: int, token_dim: int, regularizer: str = "none"):
+    def __init__(self, in_dim: int, token_dim: int, regularizer: str = "none", noise_std: float = 0.0):
         super().__init__()
         self.token_dim = token_dim
         self.regularizer = regularizer
+        self.noise_std = noise_std
         self.proj = nn.Linear(in_dim, token_dim * (2 if regularizer == "kl" else 1))
 
     def forward(self, features: torch.Tensor, sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +43,10 @@ class ContinuousBottleneck(nn.Module):
             h = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
         elif self.regularizer == "layernorm":
             h = F.layer_norm(h, (self.token_dim,))
+        if sample and self.noise_std > 0 and self.regularizer != "kl":
+            # Training-time noise bounds the information one token can carry, so a short prefix
+            # cannot hold the whole image and later tokens must add detail (a coarse-to-fine order).
+            h = h + torch.randn_like(h) * self.noise_std
         return h, aux
 
 
@@ -103,9 +108,9 @@ class FSQBottleneck(nn.Module):
 
 
 def build_bottleneck(kind: str, in_dim: int, token_dim: int, regularizer: str = "none",
-                     fsq_levels: list[int] | None = None) -> nn.Module:
+                     fsq_levels: list[int] | None = None, noise_std: float = 0.0) -> nn.Module:
     if kind == "continuous":
-        return ContinuousBottleneck(in_dim, token_dim, regularizer)
+        return ContinuousBottleneck(in_dim, token_dim, regularizer, noise_std)
     if kind == "fsq":
         return FSQBottleneck(in_dim, fsq_levels or [8, 8, 8, 5, 5, 5])
     raise ValueError(f"bottleneck must be 'continuous' or 'fsq', got {kind!r}")

@@ -2,9 +2,13 @@
 
     python -m adatok_vlm.training.demo --output_dir outputs/demo [--train.time_budget_s 600]
 
-Writes to ``outputs/demo/``: ``model/`` (loads with ``AutoModel.from_pretrained``),
+Stage 1 trains the tokenizer with Nested Tail Masking under a wall-time budget; stage 2 trains the
+Adaptive Token Allocation policy on the frozen tokenizer (a few minutes). Writes to
+``outputs/demo/``: ``model/`` (tokenizer + policy; loads with ``AutoModel.from_pretrained``),
 ``reconstructions.png`` (test images from 1, 2, 4, ..., m tokens beside the original),
-``rmse_vs_tokens.png``, ``rqpr_vs_tokens.png`` and ``metrics.json``.
+``rmse_vs_tokens.png``, ``rqpr_vs_tokens.png``, ``metrics.json``, and from stage 2
+``ablation.json`` / ``ablation.md`` (the paper's Table 2), ``lengths_hist.png`` and the Figure 3/5/6
+plots. ``--skip_policy true`` stops after stage 1.
 """
 
 from __future__ import annotations
@@ -57,11 +61,43 @@ def evaluate_and_plot(model_dir: Path, cfg: TokenizerTrainingConfig, out_dir: Pa
             "eval_s": eval_s, "quality_checks": checks}
 
 
+def run_policy_stage(raw_policy: dict, cfg: TokenizerTrainingConfig, model_dir: Path, out_dir: Path,
+                     eval_limit: int | None) -> dict:
+    """Stage 2 on the demo tokenizer, then Table 2 and the figures on the held-out split."""
+    import shutil
+
+    from transformers import AutoModel
+
+    from .ablation import markdown_table, plot_figures, run_ablation
+    from .batches import preload_images
+    from .train_policy import PolicyTrainingConfig
+    from .train_policy import train as train_policy
+
+    import dataclasses
+
+    raw = deep_merge({"tokenizer": str(model_dir), "data": dataclasses.asdict(cfg.data),
+                      "train": {"output_dir": str(out_dir / "policy"), "seed": cfg.train.seed}}, raw_policy)
+    summary = train_policy(fill_dataclass(PolicyTrainingConfig, raw))
+    shutil.rmtree(model_dir)
+    shutil.copytree(summary["model_dir"], model_dir)          # outputs/demo/model now carries the policy
+    model = AutoModel.from_pretrained(model_dir).eval()
+    test = load_split(cfg.data, cfg.data.eval_split, cfg.train.seed)
+    test = test.select(range(min(eval_limit or 2000, len(test))))
+    pixels = preload_images(test, build_image_processor(model.config, cfg.data, train=False)).pixels
+    result = run_ablation(model, pixels)
+    plot_figures(model, pixels, out_dir, ata_lengths=torch.tensor(result.pop("ata_lengths")))
+    (out_dir / "ablation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out_dir / "ablation.md").write_text(markdown_table(result), encoding="utf-8")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     config_path, overrides = parse_overrides(argv)
     raw = deep_merge(load_yaml(config_path or REPO_CONFIG), overrides)
     eval_limit = raw.pop("eval_limit", None)
+    raw_policy = raw.pop("policy", {})
+    skip_policy = bool(raw.pop("skip_policy", False))
     cfg = fill_dataclass(TokenizerTrainingConfig, raw)
     out_dir = Path(cfg.train.output_dir)
     summary = train(cfg)
@@ -69,14 +105,27 @@ def main(argv: list[str] | None = None) -> dict:
     metrics.update(images_per_s=summary["images_per_s"], wall_s=summary["wall_s"], train_steps=summary["steps"],
                    num_parameters=summary["num_parameters"])
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    print("\nAdaTok demo results (Fashion-MNIST test split):")
+    print("\nAdaTok demo, stage 1 (Fashion-MNIST test split):")
     print(" tokens   rMSE     PSNR    rQPR@0.02")
     for length, row in metrics["per_length"].items():
         print(f" {int(length):6d}   {row['rmse']:.4f}  {row['psnr']:6.2f}  {row['rqpr']:.3f}")
     print(f"quality checks: {metrics['quality_checks']}")
-    for name in ("model", "reconstructions.png", "rmse_vs_tokens.png", "rqpr_vs_tokens.png", "metrics.json"):
+    written = ["model", "reconstructions.png", "rmse_vs_tokens.png", "rqpr_vs_tokens.png", "metrics.json"]
+    if not skip_policy:
+        ablation = run_policy_stage(raw_policy, cfg, Path(summary["model_dir"]), out_dir, eval_limit)
+        metrics["ablation_checks"] = ablation["checks"]
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        print("\nAdaTok demo, stage 2 (Table 2 on the test split):")
+        print(markdown_table_text(out_dir))
+        written += ["ablation.json", "ablation.md", "lengths_hist.png", "fig3_rmse_vs_tokens.png",
+                    "fig5_rqpr_vs_tokens.png", "fig6_reward_landscape.png", "policy/policy_entropy.png"]
+    for name in written:
         print(f"  wrote {out_dir / name}")
     return metrics
+
+
+def markdown_table_text(out_dir: Path) -> str:
+    return (out_dir / "ablation.md").read_text(encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""Configuration of the AdaTok VLM: any Hugging Face causal LM plus AdaTok's variable-length image tokens.
+
+The composite config holds two sub-configs, like transformers' own vision-language models:
+
+* ``text_config``: the causal LM's config, of ANY registered model type (resolved through ``AutoConfig``
+  from its ``model_type``), and
+* ``tokenizer_config``: the (frozen) :class:`~adatok_vlm.tokenizer.AdaTokConfig`,
+
+plus the settings of the image modality: the special-token ids (``[BOI]`` opens an image, ``[IMG]`` marks
+each image-token position, ``[EOI]`` closes it), the projector, the image-generation head and the loss
+weights. AdaTok's images are variable-length (paper Sec. 4), so an autoregressive LM must learn *when to
+stop*: the LM itself emits ``[EOI]`` (paper, Limitations a).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .tokenizer import AdaTokConfig
+
+IMAGE_MODES = ("continuous", "discrete")
+BOI_TOKEN, IMG_TOKEN, EOI_TOKEN = "[BOI]", "[IMG]", "[EOI]"
+
+
+class AdaTokVLMConfig(PretrainedConfig):
+    r"""
+    Configuration of [`AdaTokVLMForCausalLM`].
+
+    Args:
+        text_config (`dict` or `PretrainedConfig`): the causal LM's config (any model type; a dict needs its
+            ``model_type``). Defaults to a default ``LlamaConfig``.
+        tokenizer_config (`dict` or `AdaTokConfig`): the AdaTok image tokenizer's config.
+        image_mode (`str`): ``"continuous"`` (default): image tokens stay continuous; the LM's hidden state
+            predicts the next one through a flow-matching head. ``"discrete"``: an FSQ AdaTok's integer
+            codes are appended to the LM vocabulary at ``image_code_offset`` and trained with plain CE.
+        projector_hidden_size (`int`, *optional*): width of the MLP that maps image tokens (``D``) into
+            the LM's embedding space; ``None`` means the LM's hidden size.
+        projector_hidden_act (`str`): activation of the projector (a ``transformers.activations`` name).
+        flow_head_width (`int`, *optional*): width of the flow head's residual MLP (``None``: LM hidden size).
+        flow_head_depth (`int`): number of adaLN residual blocks in the flow head.
+        flow_head_mlp_ratio (`float`): hidden expansion inside each flow-head block.
+        num_flow_steps (`int`): Euler steps when sampling an image token.
+        flow_batch_mul (`int`): noise/time draws per image position in training (MAR's ``diffusion_batch_mul``).
+        flow_time_sampling (`str`): ``"uniform"`` or ``"logit_normal"`` training times ``t``.
+        flow_temperature (`float`): default sampling temperature (scale of the initial noise).
+        flow_cfg_scale (`float`): default classifier-free guidance scale (1.0: off).
+        text_loss_weight / image_loss_weight / stop_loss_weight (`float`): weights of the text CE, the
+            image loss (flow matching, or CE on codes in discrete mode) and the ``[IMG]``/``[EOI]`` stop CE.
+        boi_token_id / img_token_id / eoi_token_id (`int`, *optional*): the special tokens' ids; set by
+            :meth:`AdaTokVLMForCausalLM.from_text_model`.
+        image_code_offset (`int`, *optional*): discrete mode: vocabulary id of FSQ code 0.
+        codebook_size (`int`, *optional*): discrete mode: number of FSQ codes.
+        tie_word_embeddings (`bool`, *optional*): mirrors ``text_config.tie_word_embeddings`` (the LM ties its
+            own weights; the mirror lets PEFT and other tools see it at the top level).
+    """
+
+    model_type = "adatok_vlm"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "tokenizer_config": SubConfigSpec(config_class=AdaTokConfig),
+    }
+
+    text_config: dict | PretrainedConfig | None = None
+    tokenizer_config: dict | PretrainedConfig | None = None
+    image_mode: str = "continuous"
+    projector_hidden_size: int | None = None
+    projector_hidden_act: str = "gelu"
+    flow_head_width: int | None = None
+    flow_head_depth: int = 3
+    flow_head_mlp_ratio: float = 2.0
+    num_flow_steps: int = 25
+    flow_batch_mul: int = 4
+    flow_time_sampling: str = "uniform"
+    flow_temperature: float = 1.0
+    flow_cfg_scale: float = 1.0
+    text_loss_weight: float = 1.0
+    image_loss_weight: float = 1.0
+    stop_loss_weight: float = 1.0
+    boi_token_id: int | None = None
+    img_token_id: int | None = None
+    eoi_token_id: int | None = None
+    image_code_offset: int | None = None
+    codebook_size: int | None = None
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        if not isinstance(self.tokenizer_config, AdaTokConfig):
+            raise TypeError(f"AdaTokVLMConfig.tokenizer_config must be an AdaTokConfig (or its dict), "
+                            f"got {type(self.tokenizer_config).__name__}")
+        if self.image_mode not in IMAGE_MODES:
+            raise ValueError(f"AdaTokVLMConfig.image_mode must be one of {IMAGE_MODES}, got {self.image_mode!r}")
+        for name in ("flow_head_depth", "num_flow_steps", "flow_batch_mul"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AdaTokVLMConfig.{name} must be a positive int, got {value!r}")
+        for name in ("projector_hidden_size", "flow_head_width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"AdaTokVLMConfig.{name} must be None or a positive int, got {value!r}")
+        if self.flow_time_sampling not in ("uniform", "logit_normal"):
+            raise ValueError("AdaTokVLMConfig.flow_time_sampling must be 'uniform' or 'logit_normal', "
+                             f"got {self.flow_time_sampling!r}")
+        for name in ("text_loss_weight", "image_loss_weight", "stop_loss_weight"):
+            if not float(getattr(self, name)) >= 0.0:
+                raise ValueError(f"AdaTokVLMConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not float(self.flow_temperature) > 0 or not float(self.flow_cfg_scale) >= 0:
+            raise ValueError("AdaTokVLMConfig needs flow_temperature > 0 and flow_cfg_scale >= 0, got "
+                             f"{self.flow_temperature!r}, {self.flow_cfg_scale!r}")
+        ids = {name: getattr(self, name) for name in ("boi_token_id", "img_token_id", "eoi_token_id")}
+        set_ids = [v for v in ids.values() if v is not None]
+        if set_ids and len(set_ids) != 3:
+            raise ValueError(f"AdaTokVLMConfig: set all of boi_token_id, img_token_id, eoi_token_id or none, got {ids}")
+        if len(set(set_ids)) != len(set_ids):
+            raise ValueError(f"AdaTokVLMConfig: boi/img/eoi token ids must be distinct, got {ids}")
+        if self.image_mode == "discrete":
+            if self.tokenizer_config.bottleneck != "fsq":
+                raise ValueError("AdaTokVLMConfig.image_mode='discrete' needs an FSQ AdaTok "
+                                 f"(tokenizer_config.bottleneck='fsq'), got {self.tokenizer_config.bottleneck!r}")
+            if (self.image_code_offset is None) != (self.codebook_size is None):
+                raise ValueError("AdaTokVLMConfig: discrete mode sets image_code_offset and codebook_size together")
+
+    @property
+    def image_token_ids(self) -> dict[str, int | None]:
+        """``{"[BOI]": id, "[IMG]": id, "[EOI]": id}``."""
+        return {BOI_TOKEN: self.boi_token_id, IMG_TOKEN: self.img_token_id, EOI_TOKEN: self.eoi_token_id}
+
+    @property
+    def has_image_tokens(self) -> bool:
+        return self.boi_token_id is not None
+
+    @property
+    def max_image_tokens(self) -> int:
+        """``m``: the most tokens an image can have (AdaTok's ``num_latent_tokens``)."""
+        return self.tokenizer_config.num_latent_tokens
+
+
+__all__ = ["AdaTokVLMConfig", "IMAGE_MODES", "BOI_TOKEN", "IMG_TOKEN", "EOI_TOKEN"]

@@ -1,0 +1,1013 @@
+"""The image modality for any Hugging Face causal LM, with AdaTok's variable-length image tokens.
+
+An image is a span ``[BOI] z_1 .. z_L [EOI]`` inside the LM's sequence, where ``L`` is the length
+AdaTok's policy chose for it (paper Sec. 4.2) and ``z_i`` are its tokens (a prefix of the ``m``
+nested tokens, Sec. 4.1). Because ``L`` varies, the LM itself decides when an image ends by emitting
+``[EOI]`` (paper, Limitations a): generation stops early for simple images and that is where the
+speed-up of adaptive tokens comes from.
+
+* **Understanding.** The processor expands ``<image>`` into ``[BOI] + [IMG] x L + [EOI]``; the image
+  tokens (packed ``[sum L, D]``) go through an MLP projector and are scattered into the ``[IMG]``
+  positions of ``inputs_embeds``.
+* **Generation, continuous tokens (default).** The LM's last hidden state at ``[BOI]`` and at each image
+  position predicts the next image token through a flow-matching head (:mod:`adatok_vlm.flow_head`,
+  MAR-style); the sampled token is projected back in as the next input embedding (KV cache on). At
+  image positions the LM's own logits, restricted to ``{[IMG], [EOI]}``, decide whether to stop.
+* **Generation, discrete tokens.** With an FSQ AdaTok the codes are appended to the vocabulary at
+  ``image_code_offset`` and plain ``generate`` writes images, confined to codes + ``[EOI]`` by a
+  logits processor.
+* **Training.** ``loss = w_text * CE(text) + w_image * flow(image) + w_stop * CE([IMG] vs [EOI])``; the
+  stop target at each image position is ``[IMG]`` except after the last token, where it is ``[EOI]``.
+
+The file reads bottom-up: helpers, logits processors, projector, outputs, the model, PEFT helpers,
+Auto-class registration.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_vlm import BOI_TOKEN, EOI_TOKEN, IMG_TOKEN, AdaTokVLMConfig
+from .flow_head import AdaLNResBlock, FinalLayer, FlowHead
+from .tokenizer import AdaTokEncoding, AdaTokModel, token_mask
+
+IGNORE_INDEX = -100
+
+
+# ============================================================================================
+# helpers
+# ============================================================================================
+def pack_image_tokens(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Padded ``tokens [B, L, D]`` + ``lengths [B]`` -> packed ``[sum(lengths), D]`` (image order kept)."""
+    return tokens[token_mask(lengths.to(tokens.device), tokens.shape[1])]
+
+
+def unpack_image_tokens(packed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Packed ``[sum(lengths), D]`` -> padded ``[B, max(lengths), D]`` (zeros past each length)."""
+    lengths = lengths.to(packed.device)
+    out = packed.new_zeros(lengths.shape[0], int(lengths.max()), packed.shape[-1])
+    out[token_mask(lengths, out.shape[1])] = packed
+    return out
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Positions that skip (left) padding: ``cumsum(mask) - 1``, 0 at padded slots (as ``generate`` does)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def image_span_state(input_ids: torch.LongTensor, boi_token_id: int, eoi_token_id: int):
+    """Where each row stands w.r.t. its last image.
+
+    Returns ``inside [B]`` (the last ``[BOI]`` is not yet closed by an ``[EOI]``) and ``count [B]`` (tokens
+    after that ``[BOI]``: the image tokens generated so far; meaningful where ``inside``).
+    """
+    t = input_ids.shape[1]
+    pos = torch.arange(t, device=input_ids.device).expand_as(input_ids)
+    last_boi = torch.where(input_ids == boi_token_id, pos, -1).amax(-1)
+    last_eoi = torch.where(input_ids == eoi_token_id, pos, -1).amax(-1)
+    inside = (last_boi >= 0) & (last_boi > last_eoi)
+    return inside, t - 1 - last_boi
+
+
+def _as_row_values(value, batch_size: int, device, name: str) -> torch.Tensor | None:
+    """An int or a LongTensor ``[B]`` -> LongTensor ``[B]`` (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a LongTensor [B], got bool {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        return torch.full((batch_size,), value, dtype=torch.long, device=device)
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        if value.dim() == 0:
+            return _as_row_values(int(value), batch_size, device, name)
+        if value.shape != (batch_size,):
+            raise ValueError(f"{name} must have shape [{batch_size}] (one per prompt), got {tuple(value.shape)}")
+        if value.numel() and int(value.min()) < 1:
+            raise ValueError(f"{name} must be >= 1, got a minimum of {int(value.min())}")
+        return value.to(device=device, dtype=torch.long)
+    raise TypeError(f"{name} must be an int or a LongTensor [B], got {type(value).__name__}")
+
+
+# ============================================================================================
+# logits processors: image lengths and image vocabularies, usable with plain `generate`
+# ============================================================================================
+class ImageLengthLogitsProcessor(LogitsProcessor):
+    """Bounds the number of tokens of the image being generated (the span after the last ``[BOI]``).
+
+    While a row is inside an image with ``n`` tokens so far: ``[EOI]`` is forbidden when ``n < min_tokens``
+    and forced (every other logit ``-inf``) when ``n >= max_tokens``. ``exact_tokens`` sets both. Each bound
+    is an int or a LongTensor ``[B]`` (one per row). Rows outside an image are left untouched, so the
+    processor can ride along with ordinary text generation.
+    """
+
+    def __init__(self, boi_token_id: int, eoi_token_id: int, min_tokens=1, max_tokens=None, exact_tokens=None):
+        default_min = min_tokens is None or (isinstance(min_tokens, int) and min_tokens == 1)
+        if exact_tokens is not None and (max_tokens is not None or not default_min):
+            raise ValueError("pass exact_tokens alone, or min_tokens/max_tokens, not both")
+        self.boi_token_id = int(boi_token_id)
+        self.eoi_token_id = int(eoi_token_id)
+        self.min_tokens = exact_tokens if exact_tokens is not None else min_tokens
+        self.max_tokens = exact_tokens if exact_tokens is not None else max_tokens
+
+    @staticmethod
+    def _bound(value, batch: int, device) -> torch.Tensor | None:
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if value.shape[0] != batch:
+                raise ValueError(f"per-row image lengths have {value.shape[0]} entries for a batch of {batch}")
+            return value.to(device)
+        return torch.full((batch,), int(value), device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch = input_ids.shape[0]
+        inside, count = image_span_state(input_ids, self.boi_token_id, self.eoi_token_id)
+        scores = scores.clone()
+        low = self._bound(self.min_tokens, batch, scores.device)
+        if low is not None:
+            scores[inside & (count < low), self.eoi_token_id] = -float("inf")
+        high = self._bound(self.max_tokens, batch, scores.device)
+        if high is not None:
+            force = inside & (count >= high)
+            eoi = scores[force, self.eoi_token_id]
+            scores[force] = -float("inf")
+            scores[force, self.eoi_token_id] = torch.where(torch.isfinite(eoi), eoi, torch.zeros_like(eoi))
+        return scores
+
+
+class MinImageTokensLogitsProcessor(ImageLengthLogitsProcessor):
+    """Forbids ``[EOI]`` before an image has ``min_tokens`` tokens (int or LongTensor ``[B]``)."""
+
+    def __init__(self, boi_token_id: int, eoi_token_id: int, min_tokens):
+        super().__init__(boi_token_id, eoi_token_id, min_tokens=min_tokens)
+
+
+class MaxImageTokensLogitsProcessor(ImageLengthLogitsProcessor):
+    """Forces ``[EOI]`` once an image has ``max_tokens`` tokens (int or LongTensor ``[B]``)."""
+
+    def __init__(self, boi_token_id: int, eoi_token_id: int, max_tokens):
+        super().__init__(boi_token_id, eoi_token_id, min_tokens=None, max_tokens=max_tokens)
+
+
+class ExactImageTokensLogitsProcessor(ImageLengthLogitsProcessor):
+    """Makes every image exactly ``num_tokens`` long (int or LongTensor ``[B]``)."""
+
+    def __init__(self, boi_token_id: int, eoi_token_id: int, num_tokens):
+        super().__init__(boi_token_id, eoi_token_id, min_tokens=None, exact_tokens=num_tokens)
+
+
+class ImageVocabularyLogitsProcessor(LogitsProcessor):
+    """Inside an image, only image ids and ``[EOI]`` may be generated.
+
+    ``image_token_ids`` is a ``range`` (discrete mode: ``range(offset, offset + codebook_size)``) or a list
+    of ids (continuous mode: ``[[IMG]]``).
+    """
+
+    def __init__(self, boi_token_id: int, eoi_token_id: int, image_token_ids):
+        self.boi_token_id = int(boi_token_id)
+        self.eoi_token_id = int(eoi_token_id)
+        self.image_token_ids = image_token_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        inside, _ = image_span_state(input_ids, self.boi_token_id, self.eoi_token_id)
+        if not inside.any():
+            return scores
+        allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        if isinstance(self.image_token_ids, range):
+            allowed[self.image_token_ids.start:self.image_token_ids.stop] = True
+        else:
+            allowed[torch.as_tensor(list(self.image_token_ids), device=scores.device)] = True
+        allowed[self.eoi_token_id] = True
+        return scores.masked_fill(inside[:, None] & ~allowed[None, :], -float("inf"))
+
+
+# ============================================================================================
+# projector
+# ============================================================================================
+class ImageProjector(nn.Module):
+    """Two-layer MLP (LLaVA-1.5 style): image token ``[..., D]`` -> LM embedding ``[..., H]``."""
+
+    def __init__(self, token_dim: int, hidden_size: int, out_size: int, act: str = "gelu"):
+        super().__init__()
+        self.linear_1 = nn.Linear(token_dim, hidden_size)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(hidden_size, out_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(tokens)))
+
+
+# ============================================================================================
+# outputs
+# ============================================================================================
+@dataclass
+class AdaTokVLMOutput(ModelOutput):
+    """Output of :meth:`AdaTokVLMForCausalLM.forward`.
+
+    Args:
+        loss: weighted sum ``w_text * text_loss + w_image * image_loss + w_stop * stop_loss`` (terms that
+            have no positions in the batch are left out).
+        logits: ``[B, T, V]`` the LM's logits (or the last ``logits_to_keep`` positions).
+        cache: the LM's KV cache.
+        hidden_states / attentions: as the LM returns them, when asked for.
+        text_loss: CE over text targets.
+        image_loss: continuous mode: flow-matching loss at image positions; discrete mode: CE on codes.
+        stop_loss: CE of the stop decision (``[IMG]`` vs ``[EOI]``) at image positions.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    stop_loss: torch.FloatTensor | None = None
+
+
+# ============================================================================================
+# model
+# ============================================================================================
+class AdaTokVLMPreTrainedModel(PreTrainedModel):
+    config_class = AdaTokVLMConfig
+    # No attribute carries this name, so ``base_model`` is the VLM itself and no checkpoint key is renamed.
+    base_model_prefix = "vlm"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the projector and the flow head reach this: the LM and AdaTok are PreTrainedModels that
+        # initialise themselves (or were loaded) before they were wrapped.
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02) or 0.02
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        # adaLN-Zero (children are initialised first, so these zeros win).
+        elif isinstance(module, AdaLNResBlock):
+            init.zeros_(module.adaLN_modulation[-1].weight)
+            init.zeros_(module.adaLN_modulation[-1].bias)
+        elif isinstance(module, FinalLayer):
+            init.zeros_(module.adaLN_modulation[-1].weight)
+            init.zeros_(module.adaLN_modulation[-1].bias)
+            init.zeros_(module.linear.weight)
+            init.zeros_(module.linear.bias)
+
+
+class AdaTokVLMForCausalLM(AdaTokVLMPreTrainedModel, GenerationMixin):
+    """A causal LM that reads and writes AdaTok images.
+
+    Example::
+
+        vlm = AdaTokVLMForCausalLM.from_text_model(lm, adatok, text_tokenizer)   # adds [BOI] [IMG] [EOI]
+        processor = AdaTokVLMProcessor(AdaTokImageProcessor(size=32), text_tokenizer, adatok)
+        batch = processor(text=["a cat: <image>"], images=[img], num_image_tokens=8, return_tensors="pt")
+        out = vlm(**batch, labels=batch["input_ids"])                              # loss, text/image/stop parts
+        enc = vlm.generate_images(prompt_ids, attention_mask)                      # stops at [EOI]
+        images = processor.decode_images(enc)
+
+    Submodules: ``language_model`` (any ``AutoModelForCausalLM``), ``adatok`` (frozen), ``projector``
+    (trained), ``image_head`` (the flow head; continuous mode only).
+    """
+
+    # The LM ties its own weights (gathered by post_init). An empty dict, not None, tells PEFT to look for
+    # tied weights in the sub-models, so trainable token rows reach a tied LM head too.
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: AdaTokVLMConfig, language_model: PreTrainedModel | None = None,
+                 adatok: AdaTokModel | None = None):
+        super().__init__(config)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if adatok is None:
+            adatok = AdaTokModel(config.tokenizer_config)
+        self.language_model = language_model
+        self.adatok = adatok
+        # One config object per part: resizing the LM's vocabulary updates the composite config too.
+        config.text_config = language_model.config
+        config.tokenizer_config = adatok.config
+        self.adatok.requires_grad_(False)
+        self.adatok.eval()
+
+        hidden = self.lm_hidden_size
+        token_dim = config.tokenizer_config.token_dim
+        self.projector = ImageProjector(token_dim, config.projector_hidden_size or hidden, hidden,
+                                        config.projector_hidden_act)
+        self.image_head = None
+        if config.image_mode == "continuous":
+            self.image_head = FlowHead(token_dim, hidden, config.flow_head_width or hidden, config.flow_head_depth,
+                                       config.flow_head_mlp_ratio, config.flow_time_sampling)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        model.adatok.requires_grad_(False)  # loading re-creates parameters; AdaTok stays frozen
+        return loaded
+
+    # ------------------------------------------------------------------ construction from parts
+    @classmethod
+    def from_text_model(cls, language_model: PreTrainedModel, adatok: AdaTokModel,
+                        text_tokenizer: PreTrainedTokenizerBase, image_mode: str = "continuous",
+                        **config_kwargs) -> "AdaTokVLMForCausalLM":
+        """Give a causal LM the image modality.
+
+        Adds ``[BOI]``, ``[IMG]``, ``[EOI]`` to ``text_tokenizer`` as special tokens (in place), resizes the
+        LM's embeddings (and, in discrete mode, appends AdaTok's FSQ codebook to the vocabulary), stores the
+        ids in the config and wraps the parts. ``config_kwargs`` set any other
+        :class:`AdaTokVLMConfig` field (head size, loss weights...). The LM keeps its weights; AdaTok is frozen.
+        """
+        if not isinstance(language_model, PreTrainedModel) or language_model.get_input_embeddings() is None:
+            raise TypeError("language_model must be a transformers causal LM (AutoModelForCausalLM), got "
+                            f"{type(language_model).__name__}")
+        if language_model.get_output_embeddings() is None:
+            raise TypeError(f"language_model must have an LM head (a *ForCausalLM class), got "
+                            f"{type(language_model).__name__}; load it with AutoModelForCausalLM")
+        if not isinstance(adatok, AdaTokModel):
+            raise TypeError(f"adatok must be an AdaTokModel, got {type(adatok).__name__}")
+        if not isinstance(text_tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(f"text_tokenizer must be a transformers tokenizer, got {type(text_tokenizer).__name__}")
+        if image_mode == "discrete" and not adatok.is_fsq:
+            raise ValueError("image_mode='discrete' needs an FSQ AdaTok (config.bottleneck='fsq'); "
+                             "use image_mode='continuous' for continuous tokens")
+
+        text_tokenizer.add_special_tokens({"extra_special_tokens": [BOI_TOKEN, IMG_TOKEN, EOI_TOKEN]},
+                                          replace_extra_special_tokens=False)
+        ids = {name: text_tokenizer.convert_tokens_to_ids(name) for name in (BOI_TOKEN, IMG_TOKEN, EOI_TOKEN)}
+        vocab = max(len(text_tokenizer), language_model.get_input_embeddings().num_embeddings)
+        if image_mode == "discrete":
+            config_kwargs.update(image_code_offset=vocab, codebook_size=adatok.bottleneck.codebook_size)
+            vocab += adatok.bottleneck.codebook_size
+        if vocab != language_model.get_input_embeddings().num_embeddings:
+            language_model.resize_token_embeddings(vocab)
+
+        # Everything already in the parts is initialised: post_init must only touch the new modules.
+        for part in (language_model, adatok):
+            for module in part.modules():
+                module._is_hf_initialized = True
+        # A composite config resets its sub-configs' attention implementation: keep the LM's own choice.
+        attn_implementation = language_model.config._attn_implementation
+        config = AdaTokVLMConfig(text_config=language_model.config, tokenizer_config=adatok.config,
+                                 image_mode=image_mode, boi_token_id=ids[BOI_TOKEN], img_token_id=ids[IMG_TOKEN],
+                                 eoi_token_id=ids[EOI_TOKEN], **config_kwargs)
+        language_model.config._attn_implementation_internal = attn_implementation
+        model = cls(config, language_model=language_model, adatok=adatok)
+        reference = language_model.get_input_embeddings().weight
+        model.projector.to(reference.device, reference.dtype)
+        if model.image_head is not None:
+            model.image_head.to(reference.device, reference.dtype)
+        model.adatok.to(reference.device)
+        return model
+
+    # ------------------------------------------------------------------ properties and plumbing
+    @property
+    def lm_hidden_size(self) -> int:
+        embeddings = self.language_model.get_input_embeddings()
+        return int(getattr(embeddings, "embedding_dim", None) or embeddings.weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        """The LM's vocabulary size (rows of its embedding), read from its config (kept in sync by resizing)."""
+        size = getattr(self.language_model.config, "vocab_size", None)
+        return int(size) if size is not None else int(self.get_input_embeddings().weight.shape[0])
+
+    @property
+    def is_discrete(self) -> bool:
+        return self.config.image_mode == "discrete"
+
+    @property
+    def image_code_ids(self) -> range:
+        """Discrete mode: the vocabulary ids of the FSQ codes."""
+        self._check_image_vocab()
+        offset = self.config.image_code_offset
+        return range(offset, offset + self.config.codebook_size)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.adatok.eval()  # frozen: no dropout, no NTM sampling, ever
+        return self
+
+    def _check_image_vocab(self) -> None:
+        c = self.config
+        if not c.has_image_tokens:
+            raise ValueError("this AdaTokVLM has no [BOI]/[IMG]/[EOI] token ids in its config (boi_token_id is None): "
+                             "build it with AdaTokVLMForCausalLM.from_text_model(lm, adatok, text_tokenizer), which "
+                             "adds them to the tokenizer and the LM")
+        vocab = self.vocab_size
+        for name, value in c.image_token_ids.items():
+            if not 0 <= value < vocab:
+                raise ValueError(f"the {name} token id {value} is outside the LM's vocabulary of {vocab}; the LM was "
+                                 "not resized for the image tokens (use AdaTokVLMForCausalLM.from_text_model)")
+        if self.is_discrete:
+            if c.image_code_offset is None:
+                raise ValueError("discrete mode needs config.image_code_offset and codebook_size "
+                                 "(set by from_text_model(..., image_mode='discrete'))")
+            if c.image_code_offset + c.codebook_size > vocab:
+                raise ValueError(f"the image codes [{c.image_code_offset}, {c.image_code_offset + c.codebook_size}) "
+                                 f"do not fit the LM's vocabulary of {vocab}")
+
+    # ------------------------------------------------------------------ images in
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, num_tokens="auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels ``[N, 3, H, W]`` in [0, 1] -> (packed tokens ``[sum L, D]``, lengths ``[N]``) with AdaTok."""
+        enc = self.adatok.encode(pixel_values, num_tokens=num_tokens)
+        return pack_image_tokens(enc.tokens, enc.lengths), enc.lengths
+
+    def _check_image_tokens(self, image_tokens, num_positions: int, image_lengths=None) -> None:
+        d = self.config.tokenizer_config.token_dim
+        if not isinstance(image_tokens, torch.Tensor) or not image_tokens.is_floating_point():
+            raise TypeError(f"image_tokens must be a float tensor [sum L, {d}] (packed), got "
+                            f"{getattr(image_tokens, 'dtype', type(image_tokens).__name__)}")
+        if image_tokens.dim() != 2 or image_tokens.shape[-1] != d:
+            raise ValueError(f"image_tokens must be packed as [sum L, {d}], got shape {tuple(image_tokens.shape)}; "
+                             "pack padded tokens with pack_image_tokens(tokens, lengths)")
+        if image_tokens.shape[0] != num_positions:
+            raise ValueError(f"input_ids hold {num_positions} {IMG_TOKEN} positions but image_tokens has "
+                             f"{image_tokens.shape[0]} rows; every image needs one {IMG_TOKEN} per token "
+                             "(AdaTokVLMProcessor expands each <image> accordingly)")
+        if image_lengths is not None and int(image_lengths.sum()) != image_tokens.shape[0]:
+            raise ValueError(f"image_lengths sum to {int(image_lengths.sum())} but image_tokens has "
+                             f"{image_tokens.shape[0]} rows")
+
+    def embed_inputs(self, input_ids: torch.LongTensor, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Continuous mode: ``inputs_embeds [B, T, H]`` with ``projector(image_tokens)`` at the ``[IMG]`` positions.
+
+        Image tokens are consumed in row-major order (batch, then position): the packing order of
+        :class:`AdaTokVLMProcessor`.
+        """
+        embeds = self.get_input_embeddings()(input_ids)                                  # [B, T, H]
+        if image_tokens is None:
+            return embeds
+        img = input_ids == self.config.img_token_id                                      # [B, T]
+        projected = self.projector(image_tokens.to(embeds.dtype))                        # [sum L, H]
+        return embeds.masked_scatter(img[..., None], projected)
+
+    def image_tokens_to_codes(self, image_tokens: torch.Tensor) -> torch.LongTensor:
+        """Discrete mode: FSQ tokens ``[N, D]`` -> vocabulary ids ``[N]`` (``code + image_code_offset``)."""
+        codes = self.adatok.bottleneck.codes(image_tokens)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size):
+            raise ValueError("image_tokens are not FSQ tokens of this AdaTok (their codes fall outside "
+                             f"[0, {self.config.codebook_size})); encode images with the model's adatok")
+        return codes + self.config.image_code_offset
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        image_tokens: torch.FloatTensor | None = None,
+        image_lengths: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> AdaTokVLMOutput:
+        """Run the LM over text with images in it; with ``labels``, compute the three-part loss.
+
+        Args:
+            input_ids: ``[B, T]`` with each image as ``[BOI] [IMG] x L [EOI]``.
+            attention_mask: ``[B, T]`` (1 = token). Positions skip padding (``cumsum(mask) - 1``).
+            image_tokens: packed ``[sum L, D]`` AdaTok tokens, one row per ``[IMG]`` in row-major order.
+            image_lengths: ``[num_images]`` (optional; checked against ``image_tokens``; with
+                ``pixel_values`` it is the ``num_tokens`` to encode with).
+            pixel_values: ``[num_images, 3, H, W]`` in [0, 1], encoded here by the frozen AdaTok instead of
+                ``image_tokens`` (``image_lengths`` or the policy, ``"auto"``, picks the lengths).
+            labels: ``[B, T]``, usually ``input_ids`` with ``-100`` where no loss is wanted. Image tokens whose
+                ``[IMG]`` label is ``-100`` are read, not generated (no flow loss, no stop loss).
+            cache / use_cache / position_ids / logits_to_keep: passed to the LM.
+        """
+        if "past_key_values" in kwargs:  # the pre-5.x name of `cache`
+            cache = kwargs.pop("past_key_values")
+        kwargs.pop("num_items_in_batch", None)  # Trainer's token count: each loss part here is its own mean
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if pixel_values is not None:
+            if image_tokens is not None:
+                raise ValueError("pass either image_tokens or pixel_values, not both")
+            image_tokens, image_lengths = self.encode_images(
+                pixel_values, "auto" if image_lengths is None else image_lengths)
+        if labels is not None and input_ids is None:
+            raise ValueError("labels need input_ids (the loss reads where the image tokens are)")
+
+        lm_input_ids = None
+        if input_ids is not None:
+            img_mask = None
+            if self.config.has_image_tokens:
+                img_mask = input_ids == self.config.img_token_id
+                num_img = int(img_mask.sum())
+            else:
+                num_img = 0
+            if image_tokens is not None or num_img:
+                self._check_image_vocab()
+                if image_tokens is None:
+                    raise ValueError(f"input_ids hold {num_img} {IMG_TOKEN} positions but no image_tokens (or "
+                                     "pixel_values) were given")
+                self._check_image_tokens(image_tokens, num_img, image_lengths)
+                image_tokens = image_tokens.to(input_ids.device)
+            if self.is_discrete:
+                if num_img:
+                    codes = self.image_tokens_to_codes(image_tokens)
+                    input_ids = input_ids.masked_scatter(img_mask, codes)
+                    if labels is not None:
+                        stray = (labels == self.config.img_token_id) & ~img_mask
+                        if stray.any():
+                            raise ValueError(f"labels hold {IMG_TOKEN} where input_ids do not")
+                        labels = torch.where(labels == self.config.img_token_id, input_ids, labels)
+                lm_input_ids = input_ids
+            else:
+                inputs_embeds = self.embed_inputs(input_ids, image_tokens if num_img else None)
+
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            seq_len = (inputs_embeds if lm_input_ids is None else lm_input_ids).shape[1]
+            position_ids = position_ids_from_mask(attention_mask)[:, -seq_len:]
+        need_hidden = bool(output_hidden_states) or (labels is not None and not self.is_discrete)
+        out = self.language_model(
+            input_ids=lm_input_ids, inputs_embeds=inputs_embeds if lm_input_ids is None else None,
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
+            output_hidden_states=need_hidden, logits_to_keep=0 if labels is not None else logits_to_keep,
+            **kwargs,
+        )
+
+        losses = {}
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(labels.shape)}")
+            if self.is_discrete:
+                losses = self._discrete_losses(input_ids, labels, out.logits)
+            else:
+                losses = self._continuous_losses(input_ids, labels, out.logits, out.hidden_states[-1], image_tokens)
+        loss = None
+        if labels is not None:
+            c = self.config
+            weights = {"text_loss": c.text_loss_weight, "image_loss": c.image_loss_weight,
+                       "stop_loss": c.stop_loss_weight}
+            terms = [weights[k] * v for k, v in losses.items() if v is not None]
+            loss = torch.stack(terms).sum() if terms else out.logits.sum() * 0.0
+        return AdaTokVLMOutput(
+            loss=loss, logits=out.logits, cache=getattr(out, "cache", None),
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            attentions=getattr(out, "attentions", None), **losses,
+        )
+
+    # ------------------------------------------------------------------ losses
+    def _continuous_losses(self, input_ids, labels, logits, hidden, image_tokens) -> dict:
+        """Text CE, flow loss at image positions, and the two-way ``[IMG]``/``[EOI]`` stop CE.
+
+        Position ``j`` predicts token ``j + 1``: the hidden state at ``[BOI]`` or at image token ``i`` is the
+        condition of the flow head for image token ``i + 1``; the logits there decide ``[IMG]`` vs ``[EOI]``.
+        """
+        c = self.config
+        cur, tgt, lg = input_ids[:, :-1], labels[:, 1:], logits[:, :-1]                 # [B, T-1](, V)
+        valid = tgt != IGNORE_INDEX
+        at_img, at_boi = cur == c.img_token_id, cur == c.boi_token_id
+        out = {"text_loss": None, "image_loss": None, "stop_loss": None}
+
+        # Text: everything but image-internal decisions ([BOI] -> [IMG] is fixed, [IMG] -> ? is the stop CE).
+        text = valid & ~at_img & ~at_boi
+        if text.any():
+            out["text_loss"] = F.cross_entropy(lg[text].float(), tgt[text])
+
+        # Stop decision, on the LM's own logits restricted to {[IMG], [EOI]} exactly as in generation.
+        stop = valid & at_img & ((tgt == c.img_token_id) | (tgt == c.eoi_token_id))
+        if stop.any():
+            two = lg[stop][:, [c.img_token_id, c.eoi_token_id]].float()                 # [S, 2]
+            out["stop_loss"] = F.cross_entropy(two, (tgt[stop] == c.eoi_token_id).long())
+
+        # Flow matching: the image token at [IMG] position j, conditioned on the hidden state at j - 1.
+        img = input_ids == c.img_token_id                                                # [B, T]
+        if img.any():
+            row = (img.flatten().cumsum(0) - 1).view_as(input_ids)                       # index into image_tokens
+            gen = img[:, 1:] & (labels[:, 1:] != IGNORE_INDEX)                           # [B, T-1]
+            if gen.any():
+                cond = hidden[:, :-1][gen]                                               # [N, H]
+                target = image_tokens[row[:, 1:][gen]].detach()                          # [N, D]
+                out["image_loss"] = self.image_head.loss(target, cond, c.flow_batch_mul)
+        return out
+
+    def _discrete_losses(self, input_ids, labels, logits) -> dict:
+        """Plain next-token CE split into text, image codes and ``[EOI]`` after an image."""
+        c = self.config
+        cur, tgt, lg = input_ids[:, :-1], labels[:, 1:], logits[:, :-1].float()
+        valid = tgt != IGNORE_INDEX
+        low, high = c.image_code_offset, c.image_code_offset + c.codebook_size
+        cur_code = (cur >= low) & (cur < high)
+        tgt_code = (tgt >= low) & (tgt < high)
+        image = valid & tgt_code
+        stop = valid & cur_code & (tgt == c.eoi_token_id)
+        text = valid & ~image & ~stop
+        return {name: F.cross_entropy(lg[sel], tgt[sel]) if sel.any() else None
+                for name, sel in (("text_loss", text), ("image_loss", image), ("stop_loss", stop))}
+
+    # ------------------------------------------------------------------ generation helpers
+    def prepare_inputs_for_generation(self, input_ids, *args, image_tokens=None, image_lengths=None,
+                                      pixel_values=None, is_first_iteration=False, **kwargs):
+        """Images in the prompt are read once, in the prefill; later steps only see new text."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, is_first_iteration=is_first_iteration,
+                                                       **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs.update(image_tokens=image_tokens, image_lengths=image_lengths, pixel_values=pixel_values)
+        return inputs
+
+    def image_logits_processors(self, min_image_tokens=None, max_image_tokens=None,
+                                num_image_tokens=None) -> LogitsProcessorList:
+        """The processors that make plain ``generate`` write images: confined to the image vocabulary
+        (codes in discrete mode, ``[IMG]`` in continuous mode) plus ``[EOI]``, with the given length bounds
+        (defaults: at least 1 token, at most ``m``)."""
+        self._check_image_vocab()
+        c = self.config
+        vocab = self.image_code_ids if self.is_discrete else [c.img_token_id]
+        processors = LogitsProcessorList([ImageVocabularyLogitsProcessor(c.boi_token_id, c.eoi_token_id, vocab)])
+        if num_image_tokens is not None:
+            if min_image_tokens is not None or max_image_tokens is not None:
+                raise ValueError("pass num_image_tokens alone, or min_image_tokens/max_image_tokens, not both")
+            processors.append(ExactImageTokensLogitsProcessor(c.boi_token_id, c.eoi_token_id, num_image_tokens))
+        else:
+            processors.append(ImageLengthLogitsProcessor(
+                c.boi_token_id, c.eoi_token_id, min_tokens=1 if min_image_tokens is None else min_image_tokens,
+                max_tokens=c.max_image_tokens if max_image_tokens is None else max_image_tokens))
+        return processors
+
+    def image_ids_to_encoding(self, image_ids: torch.LongTensor) -> AdaTokEncoding:
+        """Discrete mode: generated ids after ``[BOI]`` (``[B, T]``, codes then ``[EOI]``/padding) -> tokens.
+
+        Each row's image is its leading run of code ids; FSQ turns the codes back into AdaTok tokens.
+        """
+        codes = image_ids - self.config.image_code_offset
+        is_code = (codes >= 0) & (codes < self.config.codebook_size)
+        lengths = is_code.long().cumprod(dim=1).sum(dim=1)                               # leading run
+        if int(lengths.min()) < 1:
+            raise ValueError("a generated row has no image code right after [BOI]")
+        longest = int(lengths.max())
+        valid = token_mask(lengths, longest)
+        codes = codes[:, :longest].masked_fill(~valid, 0)
+        tokens = self.adatok.bottleneck.codes_to_tokens(codes).masked_fill(~valid[..., None], 0.0)
+        return AdaTokEncoding(tokens=tokens.to(self.adatok.dtype), lengths=lengths,
+                              codes=codes.masked_fill(~valid, -1))
+
+    def _resolve_length_bounds(self, batch: int, device, min_image_tokens, max_image_tokens, num_image_tokens):
+        m = self.config.max_image_tokens
+        exact = _as_row_values(num_image_tokens, batch, device, "num_image_tokens")
+        low = _as_row_values(min_image_tokens, batch, device, "min_image_tokens")
+        high = _as_row_values(max_image_tokens, batch, device, "max_image_tokens")
+        if exact is not None and (low is not None or high is not None):
+            raise ValueError("pass num_image_tokens alone, or min_image_tokens/max_image_tokens, not both")
+        for name, value in (("num_image_tokens", exact), ("min_image_tokens", low), ("max_image_tokens", high)):
+            if value is not None and int(value.max()) > m:
+                raise ValueError(f"{name} must be <= {m} (the AdaTok's num_latent_tokens), got {int(value.max())}")
+        if low is not None and high is not None and bool((low > high).any()):
+            raise ValueError("min_image_tokens must be <= max_image_tokens")
+        limit = int(exact.max()) if exact is not None else (int(high.max()) if high is not None else m)
+        return exact, low, high, limit
+
+    @staticmethod
+    def _check_prompts(input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise TypeError(f"input_ids must be a LongTensor [B, T], got "
+                            f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if attention_mask is None:
+            return torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if not bool(attention_mask[:, -1].bool().all()):
+            raise ValueError("prompts must be left-padded for generation (tokenizer.padding_side = 'left'): "
+                             "attention_mask is 0 at the last position of some row")
+        return attention_mask
+
+    def _lm_step(self, inputs_embeds, attention_mask, position_ids, cache, use_cache):
+        """One LM call; returns the last position's hidden state ``[B, H]``, logits ``[B, V]`` and the cache."""
+        extra = {"logits_to_keep": 1} if self._lm_accepts_logits_to_keep() else {}
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                  output_hidden_states=True, **extra)
+        return out.hidden_states[-1][:, -1], out.logits[:, -1].float(), getattr(out, "cache", None)
+
+    def _lm_accepts_logits_to_keep(self) -> bool:
+        if not hasattr(self, "_accepts_logits_to_keep"):
+            params = inspect.signature(self.language_model.forward).parameters
+            self._accepts_logits_to_keep = "logits_to_keep" in params
+        return self._accepts_logits_to_keep
+
+    # ------------------------------------------------------------------ image generation
+    @torch.no_grad()
+    def generate_images(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        min_image_tokens=None,
+        max_image_tokens=None,
+        num_image_tokens=None,
+        *,
+        num_flow_steps: int | None = None,
+        temperature: float | None = None,
+        cfg_scale: float | None = None,
+        negative_input_ids: torch.LongTensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        stop_temperature: float = 1.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        **generate_kwargs,
+    ) -> AdaTokEncoding:
+        """Continue each prompt with ``[BOI]`` and write one image, until the LM emits ``[EOI]``.
+
+        Args:
+            input_ids / attention_mask: ``[B, T]`` prompts, left-padded.
+            min_image_tokens / max_image_tokens: ``[EOI]`` is forbidden before ``min`` tokens (default 1)
+                and forced at ``max`` (default ``m``); an int or a LongTensor ``[B]``.
+            num_image_tokens: an exact length per image (int or LongTensor ``[B]``) instead of the LM's choice.
+            num_flow_steps / temperature / cfg_scale: flow-head sampling (defaults from the config); in
+                discrete mode ``temperature`` is the code-sampling temperature of ``generate``.
+            negative_input_ids / negative_attention_mask: the unconditional prompts for guidance
+                (``cfg_scale != 1``); by default an empty prompt (``[BOI]`` alone). Guidance needs a model
+                trained with dropped prompts.
+            do_sample / stop_temperature: sample the stop decision from ``softmax([IMG], [EOI])`` instead of
+                taking the likelier one.
+            use_cache: KV cache on (default) or a full recompute at every step.
+            generator / seed: randomness of the flow head (and of sampled stop decisions).
+            logits_processor: extra processors applied to the LM's logits before the stop decision.
+            generate_kwargs: discrete mode only: passed to ``generate`` (``top_k``, ``temperature``...).
+        Returns:
+            :class:`AdaTokEncoding`: ``tokens [B, max L, D]`` (zeros past each length), ``lengths [B]`` and,
+            in discrete mode, ``codes``. Samples that stopped keep their lengths while others continue.
+        """
+        self._check_image_vocab()
+        attention_mask = self._check_prompts(input_ids, attention_mask)
+        device = self.language_model.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        batch = input_ids.shape[0]
+        exact, low, high, limit = self._resolve_length_bounds(batch, device, min_image_tokens, max_image_tokens,
+                                                              num_image_tokens)
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.extend(self.image_logits_processors(
+            min_image_tokens=None if exact is not None else (low if low is not None else 1),
+            max_image_tokens=None if exact is not None else (high if high is not None else limit),
+            num_image_tokens=exact))
+        boi = torch.full((batch, 1), self.config.boi_token_id, dtype=input_ids.dtype, device=device)
+        ids = torch.cat([input_ids, boi], dim=1)
+        mask = torch.cat([attention_mask, torch.ones_like(boi)], dim=1)
+        if self.is_discrete:
+            continuous_only = {"num_flow_steps": num_flow_steps, "cfg_scale": cfg_scale, "generator": generator,
+                               "negative_input_ids": negative_input_ids}
+            given = sorted(name for name, value in continuous_only.items() if value is not None)
+            if given:
+                raise TypeError(f"generate_images: {given} apply to continuous image tokens; discrete mode samples "
+                                "codes with generate() (pass seed, do_sample, temperature, top_k...)")
+            if temperature is not None:
+                generate_kwargs.setdefault("temperature", temperature)
+            if seed is not None:
+                torch.manual_seed(seed)  # generate() draws from the global generator
+            generate_kwargs.setdefault("pad_token_id", self.config.eoi_token_id)
+            out = self.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
+                                eos_token_id=self.config.eoi_token_id, max_new_tokens=limit + 1,
+                                do_sample=do_sample, use_cache=use_cache, **generate_kwargs)
+            return self.image_ids_to_encoding(out[:, ids.shape[1]:])
+        if generate_kwargs:
+            raise TypeError(f"generate_images got unexpected arguments {sorted(generate_kwargs)}")
+        return self._generate_continuous(ids, mask, processors, limit, num_flow_steps, temperature, cfg_scale,
+                                         negative_input_ids, negative_attention_mask, do_sample, stop_temperature,
+                                         use_cache, generator, seed)
+
+    def _generate_continuous(self, ids, mask, processors, limit, num_flow_steps, temperature, cfg_scale,
+                             negative_input_ids, negative_attention_mask, do_sample, stop_temperature, use_cache,
+                             generator, seed) -> AdaTokEncoding:
+        c = self.config
+        device = ids.device
+        batch = ids.shape[0]
+        num_flow_steps = num_flow_steps or c.num_flow_steps
+        temperature = c.flow_temperature if temperature is None else temperature
+        cfg_scale = c.flow_cfg_scale if cfg_scale is None else cfg_scale
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        guided = cfg_scale != 1.0
+
+        # Guidance runs a second, unconditional stream in the same batch: rows [B:] see the negative prompt.
+        stream_ids, stream_mask = ids, mask
+        if guided:
+            neg_ids, neg_mask = self._negative_prompts(batch, negative_input_ids, negative_attention_mask, device)
+            stream_ids, stream_mask = _left_pad_cat([(ids, mask), (neg_ids, neg_mask)])
+        embeds = self.get_input_embeddings()(stream_ids)                                  # [B', T, H]
+        positions = position_ids_from_mask(stream_mask)
+        hidden, logits, cache = self._lm_step(embeds, stream_mask, positions, None, use_cache)
+
+        tokens = torch.zeros(batch, limit, c.tokenizer_config.token_dim, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        seq = ids                                                                         # for the processors
+        img_id = torch.tensor(c.img_token_id, device=device)
+        eoi_id = torch.tensor(c.eoi_token_id, device=device)
+        for step in range(limit):
+            # 1. The stop decision, from the LM's logits at the last position (never before the 1st token).
+            if step > 0:
+                scores = processors(seq, logits[:batch])[:, [c.img_token_id, c.eoi_token_id]]
+                if do_sample:
+                    p_stop = torch.softmax(scores / stop_temperature, dim=-1)[:, 1]
+                    stop = torch.rand(batch, device=device, generator=generator) < p_stop
+                else:
+                    stop = scores[:, 1] > scores[:, 0]
+                active = active & ~stop
+                seq = torch.cat([seq, torch.where(active, img_id, eoi_id)[:, None]], dim=1)
+                if not active.any():
+                    break
+            else:
+                seq = torch.cat([seq, img_id.expand(batch, 1)], dim=1)
+            # 2. The next image token from the flow head, conditioned on the hidden state.
+            x = self.image_head.sample(hidden[:batch], num_flow_steps, temperature, cfg_scale,
+                                       uncond=hidden[batch:] if guided else None, generator=generator)
+            tokens[:, step] = torch.where(active[:, None], x, torch.zeros_like(x))
+            lengths += active.long()
+            if step == limit - 1:
+                break
+            # 3. Feed it back in as the next input embedding.
+            step_embeds = self.projector(x.to(embeds.dtype))[:, None]                       # [B, 1, H]
+            if guided:
+                step_embeds = torch.cat([step_embeds, step_embeds], dim=0)
+            stream_mask = torch.cat([stream_mask, torch.ones_like(stream_mask[:, :1])], dim=1)
+            positions = position_ids_from_mask(stream_mask)
+            if use_cache:
+                hidden, logits, cache = self._lm_step(step_embeds, stream_mask, positions[:, -1:], cache, True)
+            else:
+                embeds = torch.cat([embeds, step_embeds], dim=1)
+                hidden, logits, _ = self._lm_step(embeds, stream_mask, positions, None, False)
+        longest = int(lengths.max())
+        tokens = tokens[:, :longest].masked_fill(~token_mask(lengths, longest)[..., None], 0.0)
+        return AdaTokEncoding(tokens=tokens.to(self.adatok.dtype), lengths=lengths, codes=None)
+
+    def _negative_prompts(self, batch, negative_input_ids, negative_attention_mask, device):
+        boi = torch.full((batch, 1), self.config.boi_token_id, dtype=torch.long, device=device)
+        if negative_input_ids is None:
+            return boi, torch.ones_like(boi)
+        negative_attention_mask = self._check_prompts(negative_input_ids, negative_attention_mask)
+        if negative_input_ids.shape[0] != batch:
+            raise ValueError(f"negative_input_ids must have {batch} rows (one per prompt), "
+                             f"got {negative_input_ids.shape[0]}")
+        ids = torch.cat([negative_input_ids.to(device), boi], dim=1)
+        return ids, torch.cat([negative_attention_mask.to(device), torch.ones_like(boi)], dim=1)
+
+
+def _left_pad_cat(pairs):
+    """Stack (ids, mask) pairs of different lengths along the batch, left-padding to the longest."""
+    width = max(ids.shape[1] for ids, _ in pairs)
+    out_ids, out_mask = [], []
+    for ids, mask in pairs:
+        pad = width - ids.shape[1]
+        out_ids.append(F.pad(ids, (pad, 0), value=0))
+        out_mask.append(F.pad(mask, (pad, 0), value=0))
+    return torch.cat(out_ids), torch.cat(out_mask)
+
+
+# ============================================================================================
+# PEFT: LoRA on the LM, projector and flow head fully trained
+# ============================================================================================
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in root.named_modules() if module is target)
+
+
+def apply_lora(vlm: AdaTokVLMForCausalLM, r: int = 16, alpha: int = 32, target_modules=None,
+               dropout: float = 0.0, train_new_token_rows: bool = True, **lora_kwargs):
+    """Wrap ``vlm`` in a PEFT LoRA model: adapters on the LM only; projector and flow head fully trained.
+
+    Args:
+        r / alpha / dropout: LoRA rank, scaling numerator and dropout.
+        target_modules: LM module names to adapt (e.g. ``["q_proj", "v_proj"]``), matched only inside
+            ``language_model`` (AdaTok and the heads are never adapted); a ``str`` is used as a full regex.
+            Default: PEFT's choice for the LM's model type, else every linear layer of the LM but its head.
+        train_new_token_rows: also train the embedding (and LM-head) rows of ``[BOI]``/``[IMG]``/``[EOI]``
+            (and of the image codes in discrete mode) through PEFT's ``trainable_token_indices``: the stop
+            decision lives in those rows.
+        lora_kwargs: any other ``peft.LoraConfig`` field.
+    Returns:
+        a ``peft.PeftModel``; ``save_pretrained`` writes the adapter, the projector and the head.
+        :func:`load_lora` reloads it onto a base VLM and ``merge_and_unload()`` merges it.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if not isinstance(vlm, AdaTokVLMForCausalLM):
+        raise TypeError(f"apply_lora expects an AdaTokVLMForCausalLM, got {type(vlm).__name__}")
+    lm = vlm.language_model
+    if target_modules is None:
+        target_modules = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(lm.config.model_type)
+    if target_modules is None:
+        head = lm.get_output_embeddings()
+        target_modules = sorted({name.rsplit(".", 1)[-1] for name, module in lm.named_modules()
+                                 if isinstance(module, nn.Linear) and module is not head})
+    if not isinstance(target_modules, str):
+        names = "|".join(re.escape(name) for name in target_modules)
+        target_modules = rf"language_model\..*\b(?:{names})"
+    modules_to_save = ["projector"] + (["image_head"] if vlm.image_head is not None else [])
+    token_kwargs = {}
+    if train_new_token_rows and vlm.config.has_image_tokens:
+        rows = [vlm.config.boi_token_id, vlm.config.img_token_id, vlm.config.eoi_token_id]
+        if vlm.is_discrete:
+            rows += list(vlm.image_code_ids)
+        embed_name = _module_name(vlm, vlm.get_input_embeddings())
+        if vlm.config.text_config.tie_word_embeddings:
+            token_kwargs["trainable_token_indices"] = {embed_name: rows}
+        else:
+            head_name = _module_name(vlm, vlm.get_output_embeddings())
+            token_kwargs["trainable_token_indices"] = {embed_name: rows, head_name: rows}
+    if "fan_in_fan_out" not in lora_kwargs:  # GPT-2-style Conv1D layers store their weight transposed
+        from transformers.pytorch_utils import Conv1D
+
+        lora_kwargs["fan_in_fan_out"] = any(isinstance(module, Conv1D) for module in lm.modules())
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        modules_to_save=modules_to_save, **token_kwargs, **lora_kwargs)
+    return get_peft_model(vlm, config)
+
+
+def load_lora(vlm: AdaTokVLMForCausalLM, adapter_dir: str, is_trainable: bool = False):
+    """Load a LoRA adapter saved from :func:`apply_lora` onto a base VLM (``peft.PeftModel``)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(vlm, adapter_dir, is_trainable=is_trainable)
+
+
+# ============================================================================================
+# Auto-class registration
+# ============================================================================================
+def register() -> None:
+    """Register the VLM with ``AutoConfig``, ``AutoModelForCausalLM`` and ``AutoProcessor`` (idempotent)."""
+    from transformers import AutoProcessor
+
+    from .processing_vlm import AdaTokVLMProcessor
+
+    AutoConfig.register(AdaTokVLMConfig.model_type, AdaTokVLMConfig, exist_ok=True)
+    AutoModelForCausalLM.register(AdaTokVLMConfig, AdaTokVLMForCausalLM, exist_ok=True)
+    AutoProcessor.register(AdaTokVLMConfig, AdaTokVLMProcessor, exist_ok=True)
+
+
+__all__ = [
+    "AdaTokVLMForCausalLM",
+    "AdaTokVLMOutput",
+    "AdaTokVLMPreTrainedModel",
+    "ExactImageTokensLogitsProcessor",
+    "ImageLengthLogitsProcessor",
+    "ImageProjector",
+    "ImageVocabularyLogitsProcessor",
+    "MaxImageTokensLogitsProcessor",
+    "MinImageTokensLogitsProcessor",
+    "apply_lora",
+    "image_span_state",
+    "load_lora",
+    "pack_image_tokens",
+    "position_ids_from_mask",
+    "register",
+    "unpack_image_tokens",
+]

@@ -1,0 +1,523 @@
+"""The image modality for causal LMs: scatter, losses, stopping at [EOI], discrete mode, LoRA, save/load.
+
+Tiny LMs (Llama and GPT-2 configs, hidden 32, 2 layers), a tiny AdaTok and an in-process WordLevel
+tokenizer: no downloads, CPU only.
+"""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    LogitsProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from adatok_vlm import AdaTokConfig, AdaTokEncoding, AdaTokModel
+from adatok_vlm.configuration_vlm import AdaTokVLMConfig
+from adatok_vlm.flow_head import FlowHead
+from adatok_vlm.image_processing_adatok import AdaTokImageProcessor
+from adatok_vlm.modeling_vlm import (
+    AdaTokVLMForCausalLM,
+    ExactImageTokensLogitsProcessor,
+    ImageLengthLogitsProcessor,
+    ImageVocabularyLogitsProcessor,
+    MaxImageTokensLogitsProcessor,
+    MinImageTokensLogitsProcessor,
+    apply_lora,
+    load_lora,
+    pack_image_tokens,
+    register,
+    unpack_image_tokens,
+)
+from adatok_vlm.processing_vlm import AdaTokVLMProcessor
+
+register()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two spinning threads make
+    each small op ~100x slower; restore the session's setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# ============================================================================================
+# builders (also used by test_vlm_processor.py)
+# ============================================================================================
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "n", "=", "a", "cat", "draw", "shoe", "the", "is", "red",
+         *[str(i) for i in range(10)]]
+M = 12  # the tiny AdaTok's num_latent_tokens
+
+
+def text_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in-process (digits split one by one)."""
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                pre_tokenizers.Digits(individual_digits=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def lm_config(arch: str, vocab_size: int):
+    if arch == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=vocab_size,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_adatok(fsq: bool = False, seed: int = 0) -> AdaTokModel:
+    torch.manual_seed(seed)
+    extra = dict(bottleneck="fsq", fsq_levels=[8, 5, 5, 5], token_dim=4) if fsq else {}
+    config = AdaTokConfig.from_preset("adatok-tiny", hidden_size=32, decoder_hidden_size=32, num_attention_heads=2,
+                                      decoder_num_attention_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                      num_latent_tokens=M, **extra)
+    return AdaTokModel(config).eval()
+
+
+def tiny_vlm(arch: str = "llama", image_mode: str = "continuous", seed: int = 0, **config_kwargs):
+    """(vlm, tokenizer): a tiny LM given the image modality; the tokenizer now holds [BOI] [IMG] [EOI]."""
+    tok = text_tokenizer()
+    adatok = tiny_adatok(fsq=image_mode == "discrete", seed=seed)
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(lm_config(arch, len(tok)))
+    config_kwargs = {"flow_head_depth": 2, "num_flow_steps": 4, **config_kwargs}
+    vlm = AdaTokVLMForCausalLM.from_text_model(lm, adatok, tok, image_mode=image_mode, **config_kwargs)
+    return vlm.eval(), tok
+
+
+def processor_for(vlm, tok) -> AdaTokVLMProcessor:
+    return AdaTokVLMProcessor(AdaTokImageProcessor(size=32), tok, vlm.adatok)
+
+
+def image_batch(vlm, tok, texts, lengths, seed: int = 0):
+    """Processor output for ``texts`` with one random image per ``<image>`` and the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(len(lengths), 3, 32, 32, generator=g)
+    return processor_for(vlm, tok)(text=texts, images=images, num_image_tokens=torch.tensor(lengths))
+
+
+def prompts(tok, texts):
+    tok.padding_side = "left"
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+def perturb_stop_rows(vlm, scale: float = 2.0, seed: int = 0) -> None:
+    """Make the [IMG]/[EOI] head rows differ (mean-resizing gives new rows identical values)."""
+    g = torch.Generator().manual_seed(seed)
+    head = vlm.get_output_embeddings().weight
+    rows = [vlm.config.img_token_id, vlm.config.eoi_token_id]
+    with torch.no_grad():
+        head[rows] += scale * torch.randn(2, head.shape[1], generator=g)
+
+
+class StopAt(LogitsProcessor):
+    """Test processor: inside an image, prefer [EOI] once the image has ``k[b]`` tokens, else [IMG]."""
+
+    def __init__(self, vlm, k):
+        self.c, self.k = vlm.config, k
+
+    def __call__(self, input_ids, scores):
+        from adatok_vlm.modeling_vlm import image_span_state
+
+        inside, count = image_span_state(input_ids, self.c.boi_token_id, self.c.eoi_token_id)
+        stop = inside & (count >= self.k)
+        scores = scores.clone()
+        scores[:, self.c.eoi_token_id] = torch.where(stop, 10.0, -10.0)
+        scores[:, self.c.img_token_id] = 0.0
+        return scores
+
+
+# ============================================================================================
+# the flow head
+# ============================================================================================
+def test_flow_head_learns_a_conditional_map():
+    """Velocity sign and Euler direction: after training, samples land on each condition's target."""
+    torch.manual_seed(0)
+    head = FlowHead(token_dim=2, cond_dim=4, width=64, depth=2)
+    head.zero_init_()
+    cond = torch.eye(4)
+    target = 2.0 * torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    first = None
+    for _ in range(300):
+        loss = head.loss(target, cond, batch_mul=16)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+    samples = head.sample(cond.repeat(20, 1), num_steps=20).view(20, 4, 2)
+    assert (samples.mean(0) - target).abs().max() < 0.35
+    # guidance with identical conditions changes nothing
+    g1, g2 = (torch.Generator().manual_seed(1) for _ in range(2))
+    plain = head.sample(cond, num_steps=5, generator=g1)
+    guided = head.sample(cond, num_steps=5, cfg_scale=3.0, uncond=cond, generator=g2)
+    assert torch.allclose(plain, guided, atol=1e-5)
+
+
+# ============================================================================================
+# understanding: scatter and forward
+# ============================================================================================
+def test_pack_unpack_roundtrip():
+    tokens = torch.randn(3, 5, 4)
+    lengths = torch.tensor([2, 5, 1])
+    packed = pack_image_tokens(tokens, lengths)
+    assert packed.shape == (8, 4)
+    unpacked = unpack_image_tokens(packed, lengths)
+    mask = torch.arange(5)[None] < lengths[:, None]
+    assert torch.equal(unpacked[mask], tokens[mask]) and (unpacked[~mask] == 0).all()
+
+
+def test_scatter_puts_each_image_token_at_its_position():
+    vlm, tok = tiny_vlm("llama")
+    batch = image_batch(vlm, tok, ["n=3 <image> cat", "draw <image> a <image>"], [3, 5, 2])
+    ids, tokens = batch["input_ids"], batch["image_tokens"]
+    embeds = vlm.embed_inputs(ids, tokens)
+    img = ids == vlm.config.img_token_id
+    assert int(img.sum()) == tokens.shape[0] == 10
+    # Read back at the [IMG] positions (row-major) == projector(tokens), in packing order.
+    assert torch.allclose(embeds[img], vlm.projector(tokens), atol=1e-6)
+    assert torch.equal(embeds[~img], vlm.get_input_embeddings()(ids)[~img])
+    # forward() feeds exactly these embeddings to the LM.
+    from adatok_vlm.modeling_vlm import position_ids_from_mask
+
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        got = vlm(**batch).logits
+        want = vlm.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                  position_ids=position_ids_from_mask(mask)).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_image_count_must_match_img_positions():
+    vlm, tok = tiny_vlm("llama")
+    batch = image_batch(vlm, tok, ["n=3 <image> cat"], [4])
+    with pytest.raises(ValueError, match=r"4 \[IMG\] positions but image_tokens has 3 rows"):
+        vlm(input_ids=batch["input_ids"], image_tokens=batch["image_tokens"][:3])
+    with pytest.raises(ValueError, match="no image_tokens"):
+        vlm(input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="packed"):
+        vlm(input_ids=batch["input_ids"], image_tokens=batch["image_tokens"][None])
+
+
+# ============================================================================================
+# training
+# ============================================================================================
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_train_step_has_finite_loss_and_grads_everywhere_it_should(arch):
+    vlm, tok = tiny_vlm(arch, text_loss_weight=0.5, image_loss_weight=2.0, stop_loss_weight=3.0)
+    batch = image_batch(vlm, tok, ["n=3 <image> cat", "draw <image> a <image>"], [3, 5, 2])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    vlm.train()
+    assert not vlm.adatok.training
+    out = vlm(**batch, labels=labels)
+    for part in (out.loss, out.text_loss, out.image_loss, out.stop_loss):
+        assert part is not None and torch.isfinite(part)
+    assert torch.allclose(out.loss, 0.5 * out.text_loss + 2.0 * out.image_loss + 3.0 * out.stop_loss)
+    out.loss.backward()
+    grad = lambda params: sum(p.grad.abs().sum() for p in params if p.grad is not None)  # noqa: E731
+    assert grad(vlm.language_model.parameters()) > 0
+    assert grad(vlm.projector.parameters()) > 0
+    assert grad(vlm.image_head.parameters()) > 0
+    assert all(p.grad is None for p in vlm.adatok.parameters())
+
+
+def test_images_read_not_written_have_no_image_or_stop_loss():
+    vlm, tok = tiny_vlm("llama")
+    batch = image_batch(vlm, tok, ["<image> the cat is red"], [4])
+    ids = batch["input_ids"]
+    labels = ids.clone()
+    in_image = (ids == vlm.config.img_token_id) | (ids == vlm.config.boi_token_id) | (ids == vlm.config.eoi_token_id)
+    labels[in_image] = -100
+    out = vlm(**batch, labels=labels)
+    assert out.text_loss is not None and out.image_loss is None and out.stop_loss is None
+    assert torch.allclose(out.loss, out.text_loss)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_learns_to_stop_at_the_length_the_prompt_asks_for(arch):
+    """Synthetic task: "n=K" is followed by an image of K tokens; the model must learn to emit [EOI] there.
+
+    The image tokens are fresh noise at every step, so only the position can tell when to stop.
+    """
+    vlm, tok = tiny_vlm(arch)
+    ks, steps = [2, 3, 5, 7, 9], 300
+    processor = processor_for(vlm, tok)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=5e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
+    vlm.train()
+    for _ in range(steps):
+        enc = AdaTokEncoding(tokens=torch.randn(len(ks), M, 16, generator=g), lengths=torch.tensor(ks))
+        batch = processor(text=[f"n={k} <image>" for k in ks], image_encoding=enc)
+        labels = batch["input_ids"].clone()
+        labels[:, :3] = -100  # the prompt
+        out = vlm(**batch, labels=labels)
+        assert torch.isfinite(out.loss)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        schedule.step()
+    assert out.stop_loss < 0.1
+    vlm.eval()
+    p = prompts(tok, [f"n={k}" for k in ks])
+    lengths = vlm.generate_images(p.input_ids, p.attention_mask, seed=0).lengths
+    assert (lengths == torch.tensor(ks)).sum() >= 4, lengths.tolist()
+
+
+# ============================================================================================
+# continuous generation: stopping, bounds, exact lengths, cache
+# ============================================================================================
+def test_generation_halts_exactly_when_eoi_is_emitted(monkeypatch):
+    vlm, tok = tiny_vlm("llama")
+    p = prompts(tok, ["n=3", "draw a red cat", "a"])  # left padding
+    k = torch.tensor([2, 6, 4])
+    calls = []
+    sample = vlm.image_head.sample
+    monkeypatch.setattr(vlm.image_head, "sample", lambda *a, **kw: calls.append(1) or sample(*a, **kw))
+    enc = vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=[StopAt(vlm, k)], seed=0)
+    assert enc.lengths.tolist() == [2, 6, 4]
+    assert len(calls) == 6  # nothing is sampled once every row emitted [EOI]
+    assert enc.tokens.shape == (3, 6, 16)
+    assert (enc.tokens[~enc.token_mask] == 0).all() and (enc.tokens[enc.token_mask] != 0).any()
+
+
+def test_never_before_min_or_after_max():
+    vlm, tok = tiny_vlm("llama")
+    p = prompts(tok, ["n=3", "a cat"])
+    eager = [StopAt(vlm, torch.tensor([1, 1]))]   # the LM wants to stop at once
+    lazy = [StopAt(vlm, torch.tensor([99, 99]))]  # the LM never wants to stop
+    enc = vlm.generate_images(p.input_ids, p.attention_mask, min_image_tokens=torch.tensor([3, 5]),
+                              logits_processor=eager, seed=0)
+    assert enc.lengths.tolist() == [3, 5]
+    enc = vlm.generate_images(p.input_ids, p.attention_mask, max_image_tokens=torch.tensor([4, 7]),
+                              logits_processor=lazy, seed=0)
+    assert enc.lengths.tolist() == [4, 7]
+    enc = vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=lazy, seed=0)
+    assert enc.lengths.tolist() == [M, M]  # the default maximum is AdaTok's m
+    enc = vlm.generate_images(p.input_ids, p.attention_mask, min_image_tokens=2, max_image_tokens=5,
+                              logits_processor=[StopAt(vlm, torch.tensor([1, 8]))], seed=0)
+    assert enc.lengths.tolist() == [2, 5]
+
+
+@pytest.mark.parametrize("num", [5, torch.tensor([1, 7, 3])])
+def test_exact_forced_lengths(num):
+    vlm, tok = tiny_vlm("gpt2")
+    perturb_stop_rows(vlm)
+    p = prompts(tok, ["n=3", "a cat", "draw the shoe"])
+    enc = vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=num, do_sample=True, seed=0)
+    want = [num] * 3 if isinstance(num, int) else num.tolist()
+    assert enc.lengths.tolist() == want
+    assert enc.tokens.shape[1] == max(want)
+
+
+def test_kv_cache_generation_equals_no_cache_generation():
+    vlm, tok = tiny_vlm("llama")
+    perturb_stop_rows(vlm, scale=0.5)
+    p = prompts(tok, ["n=3", "draw a red cat", "a"])
+    with_cache = vlm.generate_images(p.input_ids, p.attention_mask, do_sample=True, seed=3, use_cache=True)
+    without = vlm.generate_images(p.input_ids, p.attention_mask, do_sample=True, seed=3, use_cache=False)
+    assert torch.equal(with_cache.lengths, without.lengths)
+    assert len(set(with_cache.lengths.tolist())) > 1  # the stop decisions were exercised
+    assert torch.allclose(with_cache.tokens, without.tokens, atol=1e-5)
+
+
+def test_guidance_with_the_prompt_as_negative_is_unguided():
+    vlm, tok = tiny_vlm("llama")
+    p = prompts(tok, ["n=3", "a cat"])
+    plain = vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=4, seed=0)
+    same = vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=4, seed=0, cfg_scale=3.0,
+                               negative_input_ids=p.input_ids, negative_attention_mask=p.attention_mask)
+    assert torch.allclose(plain.tokens, same.tokens, atol=1e-4)
+    other = vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=4, seed=0, cfg_scale=3.0)
+    assert other.tokens.shape == plain.tokens.shape and torch.isfinite(other.tokens).all()
+
+
+def test_plain_generate_reads_prompt_images_once_and_matches_no_cache():
+    vlm, tok = tiny_vlm("llama")
+    batch = image_batch(vlm, tok, ["<image> the cat"], [3])
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    a = vlm.generate(**batch, use_cache=True, **kwargs)
+    b = vlm.generate(**batch, use_cache=False, **kwargs)
+    assert a.shape == (1, batch["input_ids"].shape[1] + 4) and torch.equal(a, b)
+
+
+# ============================================================================================
+# logits processors on their own
+# ============================================================================================
+def test_logits_processors_bound_the_open_image_only():
+    boi, img, eoi, v = 5, 6, 7, 10
+    ids = torch.tensor([[1, boi, img, img],      # inside, 2 tokens
+                        [boi, img, eoi, 2],      # image closed
+                        [1, 2, 3, boi]])         # inside, 0 tokens
+    scores = torch.zeros(3, v)
+    out = MinImageTokensLogitsProcessor(boi, eoi, 3)(ids, scores)
+    assert out[0, eoi] == -float("inf") and out[1, eoi] == 0 and out[2, eoi] == -float("inf")
+    out = MaxImageTokensLogitsProcessor(boi, eoi, torch.tensor([2, 1, 1]))(ids, scores)
+    assert torch.isfinite(out[0]).sum() == 1 and out[0, eoi] == 0
+    assert torch.isfinite(out[1]).all() and torch.isfinite(out[2]).all()
+    out = ExactImageTokensLogitsProcessor(boi, eoi, 2)(ids, scores)
+    assert torch.isfinite(out[0]).sum() == 1 and out[2, eoi] == -float("inf")
+    out = ImageVocabularyLogitsProcessor(boi, eoi, range(8, 10))(ids, scores)
+    assert set(torch.isfinite(out[0]).nonzero().flatten().tolist()) == {eoi, 8, 9}
+    assert torch.isfinite(out[1]).all()
+    with pytest.raises(ValueError, match="exact_tokens"):
+        ImageLengthLogitsProcessor(boi, eoi, min_tokens=2, exact_tokens=3)
+
+
+# ============================================================================================
+# discrete mode (FSQ codes in the vocabulary)
+# ============================================================================================
+def test_discrete_mode_trains_with_ce_and_generates_through_plain_generate():
+    vlm, tok = tiny_vlm("llama", image_mode="discrete")
+    c = vlm.config
+    assert c.codebook_size == 1000 and c.image_code_offset == len(tok)
+    assert vlm.get_input_embeddings().weight.shape[0] == c.image_code_offset + c.codebook_size
+    assert vlm.image_head is None
+    batch = image_batch(vlm, tok, ["n=3 <image> cat", "a <image>"], [3, 5])
+    vlm.train()
+    out = vlm(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
+    assert torch.isfinite(out.loss) and out.image_loss is not None and out.stop_loss is not None
+    out.loss.backward()
+    assert vlm.get_input_embeddings().weight.grad[c.image_code_offset:].abs().sum() > 0
+    vlm.eval()
+
+    p = prompts(tok, ["n=3", "draw a cat"])
+    boi = torch.full((2, 1), c.boi_token_id)
+    ids = torch.cat([p.input_ids, boi], dim=1)
+    mask = torch.cat([p.attention_mask, torch.ones_like(boi)], dim=1)
+    torch.manual_seed(0)
+    out = vlm.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=8, pad_token_id=0,
+                       eos_token_id=c.eoi_token_id,
+                       logits_processor=vlm.image_logits_processors(min_image_tokens=2, max_image_tokens=5))
+    new = out[:, ids.shape[1]:]
+    enc = vlm.image_ids_to_encoding(new)
+    assert ((enc.lengths >= 2) & (enc.lengths <= 5)).all()
+    for row, length in zip(new, enc.lengths.tolist()):
+        assert all(c.image_code_offset <= t < c.image_code_offset + c.codebook_size for t in row[:length].tolist())
+        assert row[length] == c.eoi_token_id
+    assert torch.equal(enc.tokens[enc.token_mask],
+                       vlm.adatok.bottleneck.codes_to_tokens(enc.codes[enc.token_mask]))
+    assert vlm.adatok.decode(enc.tokens, enc.lengths).shape == (2, 3, 32, 32)
+    exact = vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=torch.tensor([2, 4]))
+    assert exact.lengths.tolist() == [2, 4] and exact.codes is not None
+
+
+# ============================================================================================
+# PEFT, save / load
+# ============================================================================================
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_adapter_save_load_gives_identical_logits(arch, tmp_path):
+    vlm, tok = tiny_vlm(arch)
+    batch = image_batch(vlm, tok, ["n=3 <image> cat"], [4])
+    vlm.save_pretrained(tmp_path / "base")
+    peft_model = apply_lora(vlm, r=4, alpha=8)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable)
+    assert any("projector" in n for n in trainable) and any("image_head" in n for n in trainable)
+    assert not any(".adatok." in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(2):
+        loss = peft_model(**batch, labels=batch["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peft_model.eval()
+    with torch.no_grad():
+        trained = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "lora")
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        untrained = base(**batch).logits
+    reloaded = load_lora(base, tmp_path / "lora").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, trained)
+    assert not torch.allclose(untrained, trained)
+    p = prompts(tok, ["n=3"])
+    assert reloaded.generate_images(p.input_ids, num_image_tokens=3, seed=0).lengths.tolist() == [3]
+    merged = reloaded.merge_and_unload()
+    assert isinstance(merged, AdaTokVLMForCausalLM)
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, trained, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,mode", [("llama", "continuous"), ("gpt2", "continuous"), ("llama", "discrete")])
+def test_auto_model_reloads_a_saved_folder_identically(arch, mode, tmp_path):
+    vlm, tok = tiny_vlm(arch, image_mode=mode)
+    batch = image_batch(vlm, tok, ["n=3 <image> cat"], [4])
+    vlm.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is AdaTokVLMForCausalLM
+    assert loaded.config.image_token_ids == vlm.config.image_token_ids
+    assert not any(p.requires_grad for p in loaded.adatok.parameters())
+    if arch == "gpt2":  # tied embeddings stay tied
+        lm = loaded.language_model
+        assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, vlm(**batch).logits)
+    p = prompts(tok, ["n=3", "a cat"])
+    a = vlm.generate_images(p.input_ids, p.attention_mask, max_image_tokens=5, seed=0)
+    b = loaded.generate_images(p.input_ids, p.attention_mask, max_image_tokens=5, seed=0)
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.tokens, b.tokens)
+
+
+# ============================================================================================
+# bad input
+# ============================================================================================
+def test_a_model_without_the_image_tokens_says_how_to_get_them():
+    tok = text_tokenizer()
+    config = AdaTokVLMConfig(text_config=lm_config("llama", len(tok)), tokenizer_config=tiny_adatok().config)
+    vlm = AdaTokVLMForCausalLM(config).eval()
+    tokens = torch.randn(3, 16)
+    ids = torch.tensor([[4, 5, 13]])
+    with pytest.raises(ValueError, match="from_text_model"):
+        vlm(input_ids=ids, image_tokens=tokens)
+    with pytest.raises(ValueError, match="from_text_model"):
+        vlm.generate_images(ids)
+    assert vlm(input_ids=ids).logits.shape == (1, 3, len(tok))  # plain text still works
+    config = AdaTokVLMConfig(text_config=lm_config("llama", len(tok)), tokenizer_config=tiny_adatok().config,
+                             boi_token_id=40, img_token_id=41, eoi_token_id=42)
+    with pytest.raises(ValueError, match="outside the LM's vocabulary"):
+        AdaTokVLMForCausalLM(config).generate_images(ids)
+
+
+def test_bad_arguments_get_clear_errors():
+    vlm, tok = tiny_vlm("llama")
+    p = prompts(tok, ["n=3", "draw a red cat"])
+    with pytest.raises(ValueError, match="left-padded"):
+        vlm.generate_images(p.input_ids.flip(1), p.attention_mask.flip(1))
+    with pytest.raises(ValueError, match="min_image_tokens must be <= max_image_tokens"):
+        vlm.generate_images(p.input_ids, p.attention_mask, min_image_tokens=5, max_image_tokens=3)
+    with pytest.raises(ValueError, match=f"<= {M}"):
+        vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=M + 1)
+    with pytest.raises(ValueError, match="not both"):
+        vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=3, max_image_tokens=4)
+    with pytest.raises(ValueError, match=r"shape \[2\]"):
+        vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="num_image_tokens"):
+        vlm.generate_images(p.input_ids, p.attention_mask, num_image_tokens=2.5)
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        vlm(input_ids=p.input_ids, labels=p.input_ids[:, 1:])
+    with pytest.raises(ValueError, match="FSQ"):
+        AdaTokVLMForCausalLM.from_text_model(AutoModelForCausalLM.from_config(lm_config("llama", len(WORDS))),
+                                             tiny_adatok(), text_tokenizer(), image_mode="discrete")
+    from transformers import AutoModel
+
+    with pytest.raises(TypeError, match="LM head"):
+        AdaTokVLMForCausalLM.from_text_model(AutoModel.from_config(lm_config("llama", len(WORDS))), tiny_adatok(),
+                                             text_tokenizer())
+    with pytest.raises(TypeError, match="AdaTokModel"):
+        AdaTokVLMForCausalLM.from_text_model(vlm.language_model, object(), tok)
+    with pytest.raises(ValueError, match="image_mode"):
+        AdaTokVLMConfig(tokenizer_config=tiny_adatok().config, image_mode="pixels")
