@@ -4,6 +4,8 @@
     adatok train-tokenizer --config configs/tokenizer/adatok-tiny.yaml [overrides]
     adatok train-policy --tokenizer DIR [overrides]
     adatok ablation --model DIR --out FILE.json
+    adatok evaluate --model DIR --data SPEC --split test --lengths 1,2,4,auto --metrics rmse,psnr,ssim --out DIR
+    adatok sample-c2i --dit DIR --tokenizer DIR --classes all --per-class 8 --out DIR
 
 Each verb forwards its remaining arguments to the module that implements it.
 """
@@ -31,6 +33,18 @@ def _train_policy(argv):
     return main(argv)
 
 
+def _sample_c2i(argv):
+    from .generator.sample_c2i import main
+
+    return main(argv)
+
+
+def _evaluate(argv):
+    from .training.evaluate import main
+
+    return main(argv)
+
+
 def _ablation(argv):
     import runpy
     from pathlib import Path
@@ -42,7 +56,8 @@ def _ablation(argv):
     runpy.run_path(str(script), run_name="__main__")
 
 
-VERBS = {"demo": _demo, "train-tokenizer": _train_tokenizer, "train-policy": _train_policy, "ablation": _ablation}
+VERBS = {"demo": _demo, "train-tokenizer": _train_tokenizer, "train-policy": _train_policy, "ablation": _ablation,
+         "sample-c2i": _sample_c2i, "evaluate": _evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,3 +23,12 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(block.replace("/tmp/adatok-tiny", str(tmp_path / "adatok-tiny")), "README.md", "exec"), {})
     assert "torch.Size([4, 32, 16])" in capsys.readouterr().out
+
+
+def test_every_standalone_readme_snippet_runs(tmp_path, monkeypatch):
+    """Blocks that start with an import are complete programs; run each as written."""
+    monkeypatch.chdir(tmp_path)
+    blocks = [b for b in python_blocks()[1:] if b.lstrip().startswith("import")]
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

@@ -77,7 +77,8 @@ def test_reconstruction_changes_with_length(images):
 # ----------------------------------------------------------------------------- Nested Tail Masking
 @pytest.mark.parametrize("distribution", ["uniform", "log_uniform"])
 def test_training_draws_a_length_per_sample_within_range(distribution):
-    model = tiny_model("continuous", ntm_min_tokens=3, ntm_max_tokens=10, ntm_distribution=distribution).train()
+    model = tiny_model("continuous", ntm_min_tokens=3, ntm_max_tokens=10, ntm_distribution=distribution,
+                       ntm_full_prob=0.0).train()
     images = torch.rand(64, 3, 32, 32)
     torch.manual_seed(0)
     out = model(images)
@@ -213,3 +214,12 @@ def test_token_noise_is_training_only(images):
     t2 = model(images, num_tokens=12).tokens
     assert (t1 - t2).abs().mean() > 0.1, "training tokens carry noise"
     assert torch.allclose(a.tokens.pow(2).mean(-1), torch.ones(4, 12), atol=1e-2), "layernorm tokens"
+
+
+def test_ntm_full_prob_sends_that_share_through_at_full_length():
+    model = tiny_model("continuous", ntm_min_tokens=2, ntm_max_tokens=10, ntm_full_prob=0.5).train()
+    torch.manual_seed(0)
+    lengths = model.sample_ntm_lengths(20000)
+    share_full = float((lengths == 10).float().mean())
+    assert abs(share_full - (0.5 + 0.5 / 9)) < 0.02
+    assert lengths.min() >= 2 and (lengths < 10).any()

@@ -55,6 +55,10 @@ class AdaTokConfig(PretrainedConfig):
             draws the length of the prefix it keeps (paper eq. 4); ``ntm_max_tokens=None`` means ``m``.
         ntm_distribution (`str`): ``"uniform"`` over ``[a, b]`` (the paper) or ``"log_uniform"``
             (uniform in log-length: more short prefixes, a stronger coarse-to-fine pressure).
+        ntm_full_prob (`float`): probability that a training sample keeps all ``ntm_max_tokens``
+            tokens instead of a drawn prefix. Uniform prefixes alone pack what a small model learns
+            into the first few tokens (a flat rMSE curve past them); sending some samples through at
+            full length spreads detail over the later tokens.
         initializer_range (`float`): std of the truncated-normal init.
         policy_enabled (`bool`): the model carries the Adaptive Token Allocation policy (set by
             stage-2 training; enables ``num_tokens="auto"`` and the quality/budget dial).
@@ -96,6 +100,7 @@ class AdaTokConfig(PretrainedConfig):
     ntm_min_tokens: int = 1
     ntm_max_tokens: int | None = None
     ntm_distribution: str = "uniform"
+    ntm_full_prob: float = 0.0
     initializer_range: float = 0.02
     policy_enabled: bool = False
     policy_min_tokens: int = 1
@@ -144,6 +149,8 @@ class AdaTokConfig(PretrainedConfig):
             raise ValueError(
                 f"AdaTokConfig.token_regularizer must be one of {TOKEN_REGULARIZERS}, got {self.token_regularizer!r}"
             )
+        if not 0.0 <= self.ntm_full_prob <= 1.0:
+            raise ValueError(f"AdaTokConfig.ntm_full_prob must lie in [0, 1], got {self.ntm_full_prob!r}")
         if not self.token_noise_std >= 0:
             raise ValueError(f"AdaTokConfig.token_noise_std must be >= 0, got {self.token_noise_std!r}")
         if self.ntm_distribution not in NTM_DISTRIBUTIONS:
@@ -264,12 +271,17 @@ VAE_ARCHITECTURES: dict[str, dict] = {
 
 # Named sizes. One dict per size; YAML configs name a preset and override fields, never copy it.
 ADATOK_PRESETS: dict[str, dict] = {
-    # 32x32 pixels, for CPU tests and the embedded demo (Fashion-MNIST).
+    # 32x32 pixels, for CPU tests and the embedded demo (Fashion-MNIST). Patch 8 (16 patches) halves
+    # the sequence of patch 4; measured on 2 CPU cores it runs 4.35 vs 2.0 steps/s (batch 64) and
+    # reaches full-length rMSE 0.0165 vs 0.0257 on Fashion-MNIST in the same 4 minutes. With plain
+    # uniform prefixes a model this small packs all it learns into ~4 tokens (rMSE 0.0141 at 4 vs
+    # 0.0137 at 32 after 1500 steps); sending 75% of samples through at full length gives 0.0142 at
+    # 4 vs 0.0125 at 32 (a better full length, more use of the later tokens).
     "adatok-tiny": dict(
-        image_size=32, latent_space="pixel", patch_size=4,
+        image_size=32, latent_space="pixel", patch_size=8,
         hidden_size=128, num_encoder_layers=4, num_attention_heads=4,
         decoder_hidden_size=128, num_decoder_layers=4, decoder_num_attention_heads=4,
-        num_latent_tokens=32, token_dim=16, ntm_min_tokens=1,
+        num_latent_tokens=32, token_dim=16, ntm_min_tokens=1, ntm_full_prob=0.75,
     ),
     # The paper's tokenizer: 256 tokens over the VA-VAE f16 latent grid at 256x256, ~83M trainable.
     "adatok-s": dict(

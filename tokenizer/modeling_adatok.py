@@ -329,7 +329,8 @@ class AdaTokModel(AdaTokPreTrainedModel):
                            generator: torch.Generator | None = None) -> torch.LongTensor:
         """Per-sample prefix lengths for Nested Tail Masking, ``L in [a, b]`` (paper eq. 4).
 
-        ``uniform`` draws L uniformly; ``log_uniform`` draws log L uniformly (more short prefixes).
+        ``uniform`` draws L uniformly; ``log_uniform`` draws log L uniformly (more short prefixes);
+        with probability ``ntm_full_prob`` a sample keeps all ``b`` tokens instead.
         """
         a, b = self.config.ntm_min_tokens, self.config.ntm_max_tokens
         device = device or self.device
@@ -340,6 +341,9 @@ class AdaTokModel(AdaTokPreTrainedModel):
             u = torch.rand(batch_size, generator=generator, device="cpu" if generator is not None else device)
             log_l = torch.log(torch.tensor(a - 0.5)) + u * (torch.log(torch.tensor(b + 0.5)) - torch.log(torch.tensor(a - 0.5)))
             lengths = torch.exp(log_l).round().long().clamp(a, b)
+        if self.config.ntm_full_prob > 0:
+            full = torch.rand(batch_size, generator=generator, device=lengths.device) < self.config.ntm_full_prob
+            lengths = torch.where(full, torch.full_like(lengths, b), lengths)
         return lengths.to(device)
 
     def forward_encoder(self, pixel_values: torch.Tensor, sample: bool = False):

@@ -13,6 +13,7 @@ plots. ``--skip_policy true`` stops after stage 1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -72,8 +73,6 @@ def run_policy_stage(raw_policy: dict, cfg: TokenizerTrainingConfig, model_dir: 
     from .batches import preload_images
     from .train_policy import PolicyTrainingConfig
     from .train_policy import train as train_policy
-
-    import dataclasses
 
     raw = deep_merge({"tokenizer": str(model_dir), "data": dataclasses.asdict(cfg.data),
                       "train": {"output_dir": str(out_dir / "policy"), "seed": cfg.train.seed}}, raw_policy)

@@ -29,6 +29,9 @@ def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps:
     # Only a launched multi-process CPU run needs gloo; naming a backend in a single process would
     # make Accelerate look for a process group that does not exist.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
+    # cpu=True on a launched CPU run: without it Accelerate reports no distributed type, so barriers
+    # and gradient synchronisation silently do nothing.
+    return Accelerator(cpu=distributed and not torch.cuda.is_available(),
+                       mixed_precision=resolve_mixed_precision(mixed_precision),
                        gradient_accumulation_steps=gradient_accumulation_steps,
                        kwargs_handlers=handlers, deepspeed_plugin=deepspeed_plugin)

@@ -13,7 +13,6 @@ dial. The exported model answers ``encode(x, num_tokens="auto")``.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field

@@ -11,8 +11,6 @@ with the same step, optimizer, EMA, data position and RNG state.
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from ..tokenizer import AdaTokConfig, AdaTokModel
 from .batches import PreloadedImages, ResumableBatchSampler, collate_preloaded, preload_images
 from .checkpointing import CheckpointManager
-from .config import parse_config, to_dict
+from .config import parse_config
 from .engine import EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
 from .evaluation import default_lengths
 from .launch import make_accelerator
