@@ -117,3 +117,12 @@ def test_perceptual_and_gan_losses_train_with_two_optimizers(tmp_path, monkeypat
     assert (ckpt / "discriminator.safetensors").is_file() and (ckpt / "disc_optimizer.optim.json").is_file()
     rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in l]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_pixel_loss_on_the_decoded_image_is_logged_and_trains(tmp_path):
+    cfg = config(tmp_path, max_steps=3, save_every=0)
+    cfg.loss.pixel_weight = 0.5
+    train(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in l]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["recon_loss"] + 0.5 * r["pixel_loss"], rel=1e-5)

@@ -50,6 +50,7 @@ class LossConfig:
     perceptual_weight: float = 0.0           # lambda_p (eq. 5)
     perceptual_net: str = "vgg"
     gan_weight: float = 0.0                  # lambda_g (eq. 5)
+    pixel_weight: float = 0.0                # extra L2 on the decoded image (for a VAE latent space)
     gan_start_step: int = 0
     adaptive_gan_weight: bool = True
     lecam_weight: float = 0.0
@@ -244,11 +245,14 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
             lr = lr_at(progress_fraction(step, elapsed), step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
             with accelerator.accumulate(model):
-                out = model(pixels, return_reconstruction=loss_fn is not None)
+                out = model(pixels, return_reconstruction=loss_fn is not None or cfg.loss.pixel_weight > 0)
                 losses = {"recon_loss": out.recon_loss}
                 loss = out.loss
+                if cfg.loss.pixel_weight > 0:
+                    losses["pixel_loss"] = torch.nn.functional.mse_loss(out.reconstruction.float(), pixels.float())
+                    loss = loss + cfg.loss.pixel_weight * losses["pixel_loss"]
                 if loss_fn is not None:
-                    loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, out.loss, step,
+                    loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, loss, step,
                                                         raw_model.last_layer_weight())
                     losses.update({k: torch.as_tensor(v) for k, v in logs.items()})
                 losses["loss"] = loss
