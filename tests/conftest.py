@@ -45,6 +45,28 @@ def tiny_model(variant: str = "continuous", seed: int = 0, **overrides) -> AdaTo
     return AdaTokModel(config).eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch and BLAS (scipy's sqrtm runs on OpenBLAS) single-threaded for every test module, and
+    the torch setting restored after it: tiny ops only wait on thread barriers when cores are shared."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def adatok_cache(tmp_path_factory):
+    """A private ``$ADATOK_CACHE`` (converted LPIPS / VGG16 weights), shared within a module."""
+    root = tmp_path_factory.mktemp("adatok_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADATOK_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture(params=sorted(TINY_VARIANTS))
 def variant(request):
     return request.param

@@ -24,26 +24,6 @@ from adatok_vlm.training.evaluation import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def adatok_cache(tmp_path_factory):
-    # LPIPS / VGG16 weights are converted into a private cache, once for the module.
-    root = tmp_path_factory.mktemp("adatok_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADATOK_CACHE", str(root))
-        yield root
-
-
 def _photos(n: int = 6, size: int = 32) -> torch.Tensor:
     from adatok_vlm.training.data import load_image_dataset
 

@@ -29,26 +29,6 @@ from adatok_vlm.training.fid import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # scipy's sqrtm runs on OpenBLAS, whose threads spin badly when the cores are shared.
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def adatok_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adatok_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADATOK_CACHE", str(root))
-        yield root
-
-
 # --------------------------------------------------------------------------------------------------
 # The statistic
 # --------------------------------------------------------------------------------------------------

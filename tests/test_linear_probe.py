@@ -9,14 +9,6 @@ import torch
 from adatok_vlm.training.linear_probe import ProbeConfig, linear_probe, pool_tokens, probe_accuracy, train_probe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_mean_pooling_averages_only_the_valid_prefix():
     tokens = torch.randn(3, 5, 4)
     lengths = torch.tensor([1, 3, 5])

@@ -30,16 +30,6 @@ JAX_ROOT = {"vgg": "VGG16_0", "alex": "AlexNet_0"}
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tensors are tiny: a second intra-op thread only adds OpenMP barrier waits, which cost
-    # 100x the work itself when the machine's cores are busy with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def lpips_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("adatok_cache")
