@@ -170,7 +170,7 @@ def plot_figures(model, pixels: torch.Tensor, out_dir, batch_size: int = 256, at
 
     import matplotlib.pyplot as plt
 
-    from .visualize import length_histogram, metric_curve
+    from .visualize import length_histogram, metric_curve, save_figure
 
     out_dir = Path(out_dir)
     c, m = model.config, model.num_latent_tokens
@@ -199,10 +199,6 @@ def plot_figures(model, pixels: torch.Tensor, out_dir, batch_size: int = 256, at
     twin.set_ylabel("images (policy)")
     ax.legend(loc="lower right")
     ax.set_title("Reward landscape and the learned policy (Fig. 6)")
-    fig.tight_layout()
-    path = out_dir / "fig6_reward_landscape.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, out_dir / "fig6_reward_landscape.png"))
     paths.append(length_histogram(ata_lengths, m, out_dir / "lengths_hist.png", "lengths chosen by the policy"))
     return paths

@@ -164,10 +164,9 @@ def _plotted_metrics(result: EvaluationResult) -> list[tuple[str, list[str], str
 def plot_metric_vs_tokens(result: EvaluationResult, keys: list[str], ylabel: str, path: Path,
                           threshold: float | None = None) -> Path:
     """Fixed lengths as a line (per key), adaptive modes as labelled points at their mean token count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .visualize import save_figure   # also selects the Agg backend
 
     fixed = sorted((r for r in result.rows if r["mode"] == "fixed"), key=lambda r: r["mean_tokens"])
     adaptive = [r for r in result.rows if r["mode"] != "fixed"]
@@ -196,11 +195,7 @@ def plot_metric_vs_tokens(result: EvaluationResult, keys: list[str], ylabel: str
     ax.set_title(f"{ylabel} vs tokens ({result.num_images} images)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def reconstruction_grid(result: EvaluationResult, path: Path, max_images: int = 8) -> Path:

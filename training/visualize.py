@@ -12,6 +12,16 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
@@ -72,12 +82,7 @@ def metric_curve(lengths: list[int], per_image: torch.Tensor | None, mean: list[
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def length_histogram(lengths: torch.Tensor, max_tokens: int, path: str | Path, title: str = "chosen lengths") -> Path:
@@ -86,12 +91,7 @@ def length_histogram(lengths: torch.Tensor, max_tokens: int, path: str | Path, t
     ax.set_xlabel("tokens")
     ax.set_ylabel("images")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def training_curves(history: list[dict], out_dir: str | Path) -> list[Path]:
@@ -114,10 +114,5 @@ def training_curves(history: list[dict], out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = Path(out_dir) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, Path(out_dir) / name))
     return paths
