@@ -132,3 +132,40 @@ def test_linear_probe_refuses_unlabelled_images():
     with pytest.raises(ValueError, match="1..4"):
         linear_probe(model, pixels, torch.zeros(4, dtype=torch.long), pixels, torch.zeros(4, dtype=torch.long),
                      lengths=[8], progress=False)
+
+
+def test_evaluate_cli_linear_probe_writes_table_json_and_plot(tmp_path):
+    """`adatok evaluate --linear-probe` on labelled data: accuracies per length in every output."""
+    if not FMNIST.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    import json
+
+    from adatok_vlm.cli import main
+    from conftest import tiny_model
+
+    model_dir = tmp_path / "adatok"
+    tiny_model(num_latent_tokens=8, image_size=32).save_pretrained(model_dir)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(model_dir), "--data", "fashion_mnist", "--limit", "40", "--lengths", "1,8",
+                 "--metrics", "rmse", "--out", str(out), "--device", "cpu", "--no-progress", "--linear-probe",
+                 "--probe-train-limit", "60", "--probe-lengths", "1,8"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    probe = report["linear_probe"]
+    assert set(probe["per_length"]) == {"1", "8"} and probe["num_train"] == 60 and probe["num_test"] == 40
+    assert all(0.0 <= v <= 1.0 for v in probe["per_length"].values())
+    assert "linear_probe_vs_tokens.png" in report["files"] and (out / "linear_probe_vs_tokens.png").stat().st_size > 0
+    assert "Linear probe" in (out / "metrics.md").read_text()
+
+
+def test_evaluate_cli_linear_probe_refuses_unlabelled_data(tmp_path, monkeypatch):
+    from adatok_vlm.training import evaluate
+    from conftest import tiny_model
+
+    model_dir = tmp_path / "adatok"
+    tiny_model(num_latent_tokens=8).save_pretrained(model_dir)
+    unlabelled = (torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.full((4,), -1))
+    monkeypatch.setattr(evaluate, "load_pixels", lambda *a, **k: unlabelled)
+    with pytest.raises(ValueError, match="labelled"):
+        evaluate.main(["--model", str(model_dir), "--data", "natural_crops", "--limit", "4", "--lengths", "8",
+                       "--metrics", "rmse", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress",
+                       "--linear-probe"])

@@ -5,6 +5,7 @@
         --out outputs/eval --batch-size 128 --device cpu
     adatok evaluate ... --metrics rmse,fid --inception-weights pt_inception-2015-12-05-6726825d.pth
     adatok evaluate ... --samples samples.npz        # + gFID / gFD-VGG16 of generated samples vs the split
+    adatok evaluate ... --linear-probe --probe-train-limit 10000   # + linear-probe top-1 per token count
 
 Length modes (``--lengths``): token counts, ``auto`` (the policy), ``sample``, ``search``, ``oracle``,
 ``max_mse=X`` and ``mean_budget=N`` (the quality / budget dials). Default: 1, 2, 4, ..., m, plus
@@ -13,7 +14,9 @@ Length modes (``--lengths``): token counts, ``auto`` (the policy), ``sample``, `
 Writes to ``--out``: ``metrics.json`` (every number, one row per length mode), ``metrics.md`` (the
 same as a table), ``<metric>_vs_tokens.png`` (each metric against the token count; adaptive modes
 are points at their mean count), ``lengths_hist_<mode>.png`` for every adaptive mode and
-``reconstructions.png`` (the first images at every mode beside the original).
+``reconstructions.png`` (the first images at every mode beside the original); with ``--linear-probe``
+also ``linear_probe_vs_tokens.png`` and a ``linear_probe`` entry in ``metrics.json`` (probes fitted on
+``--probe-train-split``, scored on the evaluated images; Appendix B.5).
 
 ``fd_vgg16`` is the Frechet distance on VGG16 features (offline weights); ``fid`` is FID proper and
 needs the pytorch-fid Inception weights (``--inception-weights``); they are never interchangeable.
@@ -78,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads (torch and BLAS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    probe = p.add_argument_group("linear probe (Appendix B.5): top-1 accuracy of a linear classifier on frozen tokens")
+    probe.add_argument("--linear-probe", action="store_true", help="also fit and score linear probes (needs labels)")
+    probe.add_argument("--probe-train-split", default="train", help="split the probes are fitted on")
+    probe.add_argument("--probe-train-limit", type=int, default=10000, help="first N images of that split")
+    probe.add_argument("--probe-lengths", default=None, help="comma-separated token counts (default 1, 2, 4, ..., m)")
+    probe.add_argument("--probe-pooling", default="mean", choices=("mean", "flatten"))
+    probe.add_argument("--probe-tail-drop", action="store_true",
+                       help="one probe trained on random prefixes, scored at every length")
     return p
 
 
@@ -113,8 +124,9 @@ def _thread_limit(num_threads: int | None):
 # data
 # ============================================================================================
 def load_pixels(model_dir: Path, model, data: str, split: str, limit: int | None,
-                resize_mode: str | None) -> torch.Tensor:
-    """The split's images as uint8 ``[N, 3, S, S]`` through the model's own image processor."""
+                resize_mode: str | None, with_labels: bool = False):
+    """The split's images as uint8 ``[N, 3, S, S]`` through the model's own image processor
+    (and their labels ``[N]``, -1 where unknown, with ``with_labels``)."""
     from transformers import AutoImageProcessor
 
     from ..image_processing_adatok import AdaTokImageProcessor
@@ -135,7 +147,7 @@ def load_pixels(model_dir: Path, model, data: str, split: str, limit: int | None
     preloaded = preload_images(dataset, processor)
     if getattr(preloaded, "num_skipped", 0):
         print(f"skipped {preloaded.num_skipped} unreadable images")
-    return preloaded.pixels
+    return (preloaded.pixels, preloaded.labels) if with_labels else preloaded.pixels
 
 
 # ============================================================================================
@@ -271,6 +283,51 @@ def _length_counts(tokens: torch.Tensor) -> dict[str, int]:
     return {str(int(v)): int(c) for v, c in zip(values, counts)}
 
 
+def run_linear_probe(args: argparse.Namespace, model_dir: Path, model, test_pixels: torch.Tensor,
+                     test_labels: torch.Tensor) -> dict:
+    """Linear probes fitted on ``--probe-train-split`` and scored on the evaluated images."""
+    from .linear_probe import ProbeConfig, linear_probe
+
+    if test_labels is None or int(test_labels.min()) < 0:
+        raise ValueError(f"--linear-probe needs labelled images; {args.data}/{args.split} has none")
+    if args.probe_train_limit is not None and args.probe_train_limit < 1:
+        raise ValueError(f"--probe-train-limit must be positive, got {args.probe_train_limit}")
+    train_pixels, train_labels = load_pixels(model_dir, model, args.data, args.probe_train_split,
+                                             args.probe_train_limit, args.resize_mode, with_labels=True)
+    lengths = [int(v) for v in _split_list(args.probe_lengths)] if args.probe_lengths else None
+    config = ProbeConfig(pooling=args.probe_pooling, tail_drop=args.probe_tail_drop, seed=args.seed)
+    return linear_probe(model, train_pixels, train_labels, test_pixels, test_labels, lengths=lengths,
+                        config=config, batch_size=args.batch_size, progress=not args.no_progress)
+
+
+def probe_table(probe: dict) -> str:
+    head = "| tokens | " + " | ".join(probe["per_length"]) + " |"
+    rule = "| --- |" + " --- |" * len(probe["per_length"])
+    row = "| top-1 | " + " | ".join(f"{v:.3f}" for v in probe["per_length"].values()) + " |"
+    return (f"Linear probe ({probe['config']['pooling']} pooling, {probe['num_train']} training images, "
+            f"chance {probe['chance']:.3f}):\n\n{head}\n{rule}\n{row}\n")
+
+
+def plot_probe(probe: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .visualize import save_figure
+
+    lengths = [int(k) for k in probe["per_length"]]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(lengths, list(probe["per_length"].values()), marker="o", label="test")
+    ax.plot(lengths, list(probe["train_accuracy"].values()), marker=".", linestyle="--", label="train")
+    ax.axhline(probe["chance"], color="grey", linewidth=0.8, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("linear-probe top-1")
+    ax.legend()
+    return save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     with _thread_limit(args.num_threads):
@@ -307,7 +364,8 @@ def run(args: argparse.Namespace) -> dict:
                                                       vgg_resize=vgg_resize, device=device)
     model = AutoModel.from_pretrained(model_dir).to(device).eval()
     specs = _parse_lengths(args.lengths, model)
-    pixels = load_pixels(model_dir, model, args.data, args.split, args.limit, args.resize_mode)
+    pixels, labels = load_pixels(model_dir, model, args.data, args.split, args.limit, args.resize_mode,
+                                 with_labels=True)
     print(f"adatok evaluate: {pixels.shape[0]} images of {args.data}/{args.split}, {len(specs)} length modes, "
           f"metrics {','.join(metrics)}, device {device}")
 
@@ -327,9 +385,13 @@ def run(args: argparse.Namespace) -> dict:
             generation[key] = generation_fd(args.samples, pixels, extractor, args.batch_size,
                                             progress=not args.no_progress)
 
+    probe = run_linear_probe(args, model_dir, model, pixels, labels) if args.linear_probe else None
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pictures = write_pictures(result, model, out, args.grid_images)
+    if probe is not None:
+        pictures.append(plot_probe(probe, out / "linear_probe_vs_tokens.png"))
     files = ["metrics.json", "metrics.md", *[p.name for p in pictures]]
     report = {
         "model": str(model_dir), "data": args.data, "split": args.split, "limit": args.limit,
@@ -342,6 +404,7 @@ def run(args: argparse.Namespace) -> dict:
                                for k, e in extractors.items()},
         **result.to_dict(),
         "generation": generation,
+        "linear_probe": probe,
         "files": files,
         "wall_s": time.time() - started,
     }
@@ -349,6 +412,8 @@ def run(args: argparse.Namespace) -> dict:
     if generation:
         table += "\nGenerated samples (" + generation["samples"] + ") vs the split: " + ", ".join(
             f"g{extractors[k].label} {generation[k]:.3f}" for k in extractors) + "\n"
+    if probe is not None:
+        table += "\n" + probe_table(probe)
     (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "metrics.md").write_text(f"# AdaTok evaluation: {model_dir} on {args.data}/{args.split}\n\n{table}",
                                     encoding="utf-8")
