@@ -164,8 +164,14 @@ def error_curves(model, pixels: torch.Tensor, batch_size: int = 256) -> tuple[to
     return grid, per_image_mse(model, pixels, grid.tolist(), batch_size, progress=False)
 
 
-def plot_figures(model, pixels: torch.Tensor, out_dir, batch_size: int = 256, ata_lengths: torch.Tensor | None = None) -> list:
-    """Write Figures 3 (rMSE vs L per image), 5 (rQPR vs L), 6 (reward landscape + policy) and a histogram."""
+def plot_figures(model, pixels: torch.Tensor, out_dir, batch_size: int = 256, ata_lengths: torch.Tensor | None = None,
+                 curves: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
+    """Write Figures 3 (rMSE vs L per image), 5 (rQPR vs L), 6 (reward landscape + policy) and a histogram.
+
+    ``curves``: ``error_curves``'s result when the caller has it already. The policy's lengths
+    (``ata_lengths``, computed when None) are overlaid on Fig. 6 and get their own histogram; a model
+    without a policy gets the landscape alone.
+    """
     from pathlib import Path
 
     import matplotlib.pyplot as plt
@@ -174,14 +180,14 @@ def plot_figures(model, pixels: torch.Tensor, out_dir, batch_size: int = 256, at
 
     out_dir = Path(out_dir)
     c, m = model.config, model.num_latent_tokens
-    grid, errors = error_curves(model, pixels, batch_size)
+    grid, errors = curves if curves is not None else error_curves(model, pixels, batch_size)
     lengths = grid.tolist()
     paths = [metric_curve(lengths, errors, errors.mean(0).tolist(), "rMSE", out_dir / "fig3_rmse_vs_tokens.png",
                           "rMSE vs tokens per image (Fig. 3)", threshold=c.reward_rl_base, log_x=False),
              metric_curve(lengths, None, (errors <= c.reward_rl_base).float().mean(0).tolist(),
                           f"rQPR (rMSE <= {c.reward_rl_base})", out_dir / "fig5_rqpr_vs_tokens.png",
                           "rQPR vs tokens (Fig. 5)", log_x=False)]
-    if ata_lengths is None:
+    if ata_lengths is None and model.has_policy:
         ata_lengths = torch.cat([model.encode(x, num_tokens="auto").lengths.cpu()
                                  for x in _batches(pixels, batch_size, model.device)])
     g = grid[None, :].float().expand_as(errors)
@@ -193,12 +199,15 @@ def plot_figures(model, pixels: torch.Tensor, out_dir, batch_size: int = 256, at
     ax.set_xlabel("tokens")
     ax.set_ylabel("mean reward over images")
     ax.grid(alpha=0.3)
-    twin = ax.twinx()
-    twin.hist(ata_lengths.numpy(), bins=range(int(grid[0]), int(grid[-1]) + 2), align="left", alpha=0.3,
-              color="tab:green", label="policy's lengths")
-    twin.set_ylabel("images (policy)")
+    if ata_lengths is not None:
+        twin = ax.twinx()
+        twin.hist(ata_lengths.numpy(), bins=range(int(grid[0]), int(grid[-1]) + 2), align="left", alpha=0.3,
+                  color="tab:green", label="policy's lengths")
+        twin.set_ylabel("images (policy)")
     ax.legend(loc="lower right")
-    ax.set_title("Reward landscape and the learned policy (Fig. 6)")
+    ax.set_title("Reward landscape and the learned policy (Fig. 6)" if ata_lengths is not None
+                 else "Reward landscape (Fig. 6; no policy)")
     paths.append(save_figure(fig, out_dir / "fig6_reward_landscape.png"))
-    paths.append(length_histogram(ata_lengths, m, out_dir / "lengths_hist.png", "lengths chosen by the policy"))
+    if ata_lengths is not None:
+        paths.append(length_histogram(ata_lengths, m, out_dir / "lengths_hist.png", "lengths chosen by the policy"))
     return paths
