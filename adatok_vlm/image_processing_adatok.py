@@ -196,6 +196,8 @@ def _to_float_rgb(image: Any, where: str) -> np.ndarray:
     elif isinstance(image, np.ndarray):
         if image.ndim not in (2, 3):
             raise ValueError(f"{where}: expected a numpy image of shape [H, W] or [H, W, C], got shape {image.shape}")
+        if image.size == 0:
+            raise ValueError(f"{where}: expected a non-empty image, got a numpy array of shape {image.shape}")
         if image.ndim == 3 and image.shape[-1] not in (1, 3, 4) and image.shape[0] in (1, 3, 4):
             raise ValueError(
                 f"{where}: numpy images are channels-last [H, W, C] with C in (1, 3, 4), got shape {image.shape}, "
@@ -205,6 +207,8 @@ def _to_float_rgb(image: Any, where: str) -> np.ndarray:
     elif isinstance(image, torch.Tensor):
         if image.ndim not in (2, 3):
             raise ValueError(f"{where}: expected a tensor image of shape [H, W] or [C, H, W], got {tuple(image.shape)}")
+        if image.numel() == 0:
+            raise ValueError(f"{where}: expected a non-empty image, got a tensor of shape {tuple(image.shape)}")
         tensor = image.detach().cpu()
         if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
             tensor = tensor.float()  # bf16 / fp16 have no numpy equivalent worth keeping

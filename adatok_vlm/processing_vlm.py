@@ -13,6 +13,7 @@ the three special tokens. ``save_pretrained`` writes the AdaTok into an ``adatok
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from transformers.processing_utils import ProcessorMixin
 from .configuration_vlm import BOI_TOKEN, EOI_TOKEN, IMG_TOKEN
 from .modeling_vlm import pack_image_tokens, unpack_image_tokens
 from .tokenizer import AdaTokEncoding, AdaTokModel
+from .tokenizer.validation import _describe, check_lengths, resolve_num_tokens
 
 ADATOK_SUBFOLDER = "adatok"
 
@@ -96,7 +98,7 @@ class AdaTokVLMProcessor(ProcessorMixin):
             raise TypeError(f"{name} must be 'auto', an int or a LongTensor, got bool {value!r}")
         if isinstance(value, str) and value not in ("auto", "sample", "search", "oracle"):
             raise ValueError(f"{name} must be 'auto', an int or a LongTensor [num_images], got {value!r}")
-        if isinstance(value, int) and value < 1:
+        if isinstance(value, numbers.Integral) and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
     # ------------------------------------------------------------------ images <-> tokens
@@ -110,6 +112,9 @@ class AdaTokVLMProcessor(ProcessorMixin):
                              "(train one with adatok_vlm.training.train_policy); pass num_image_tokens as an int "
                              "or a LongTensor [num_images]")
         pixel_values = self.image_processor(images, size=adatok.config.image_size, return_tensors="pt")["pixel_values"]
+        if not isinstance(rule, (str, dict)):  # an int or one length per image: checked here, under its own name
+            rule = resolve_num_tokens(rule, pixel_values.shape[0], adatok.num_latent_tokens, torch.device("cpu"),
+                                      name="num_image_tokens")
         enc = adatok.encode(pixel_values, num_tokens=rule)
         return AdaTokEncoding(tokens=enc.tokens.cpu(), lengths=enc.lengths.cpu(),
                               codes=None if enc.codes is None else enc.codes.cpu())
@@ -128,9 +133,16 @@ class AdaTokVLMProcessor(ProcessorMixin):
         else:
             raise TypeError("decode_images expects an AdaTokEncoding or (tokens, lengths), got "
                             f"{type(encoding).__name__}")
-        if not isinstance(lengths, torch.Tensor):
-            raise TypeError(f"lengths must be a LongTensor [B], got {type(lengths).__name__}")
-        if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a float tensor, padded [B, L, D] or packed [sum L, D], got "
+                            f"{type(tokens).__name__}")
+        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
+            raise TypeError(f"lengths must be a LongTensor [B], got {_describe(lengths)}")
+        if tokens.dim() == 2:
+            lengths = check_lengths(lengths, lengths.shape[0], adatok.num_latent_tokens)
+            if int(lengths.sum()) != tokens.shape[0]:
+                raise ValueError(f"tokens: packed tokens have {tokens.shape[0]} rows but lengths sum to "
+                                 f"{int(lengths.sum())}")
             tokens = unpack_image_tokens(tokens, lengths)
         with torch.no_grad():
             pixels = adatok.decode(tokens.to(adatok.device), lengths.to(adatok.device))
@@ -155,6 +167,8 @@ class AdaTokVLMProcessor(ProcessorMixin):
             ``BatchFeature`` with ``input_ids``, ``attention_mask`` and, when there are images,
             ``image_tokens [sum L, D]`` and ``image_lengths [num_images]``.
         """
+        if text is not None and not isinstance(text, (str, list, tuple)):
+            raise TypeError(f"text must be a string or a non-empty list of strings, got {type(text).__name__}")
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors must be 'pt' (image tokens are torch tensors), got {return_tensors!r}")
         if text is None and images is None and image_encoding is None:

@@ -16,6 +16,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from ..tokenizer.validation import check_model_type
+
 POS_EMBEDS = ("learned", "sinusoidal")
 
 
@@ -73,6 +75,14 @@ class AdaTokDiTConfig(PretrainedConfig):
             self.token_std = [float(v) for v in self.token_std]
         super().__post_init__(**kwargs)
         self._validate()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Like ``PretrainedConfig.from_pretrained``, but a ``config.json`` of another ``model_type`` is a
+        ``ValueError`` (transformers only warns and builds a default config)."""
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_model_type(config_dict, cls.model_type, pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:

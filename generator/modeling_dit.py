@@ -21,6 +21,7 @@ The file reads bottom-up: helpers, embedders, block, final layer, model.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from ..tokenizer import AdaTokEncoding, token_mask
-from ..tokenizer.validation import _describe, resolve_num_tokens
+from ..tokenizer.validation import _describe, load_pretrained_strictly, resolve_num_tokens
 from .configuration_dit import AdaTokDiTConfig
 from .flow_matching import SAMPLERS, check_guidance, sample_flow
 from .length_sampler import LengthSampler, check_class_labels
@@ -191,6 +192,14 @@ class AdaTokDiTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["DiTBlock"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained``, strict: weights from safetensors only, and any missing,
+        unexpected or shape-mismatched weight (or a ``config.json`` of another ``model_type``) raises a
+        ``ValueError`` naming it. ``strict=False`` restores transformers' warn-and-reinitialise."""
+        return load_pretrained_strictly(super().from_pretrained, cls.__name__, pretrained_model_name_or_path,
+                                        model_args, kwargs, strict)
+
     def _init_weights(self, module: nn.Module) -> None:
         """DiT's init: xavier-uniform Linears, N(0, 0.02) embeddings and timestep MLPs, adaLN-Zero."""
         std = self.config.initializer_range
@@ -324,13 +333,25 @@ class AdaTokDiT(AdaTokDiTPreTrainedModel):
             if isinstance(timesteps, bool) or not isinstance(timesteps, (int, float)):
                 raise TypeError(f"timesteps must be a float tensor [{b}] or a number, got {_describe(timesteps)}")
             timesteps = torch.tensor(float(timesteps), device=tokens.device)
+        if timesteps.is_complex() or timesteps.dtype == torch.bool:
+            raise TypeError(f"timesteps must be a real tensor [{b}] of flow times in [0, 1], got {timesteps.dtype}")
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(b)
         if timesteps.shape != (b,):
             raise ValueError(f"timesteps must have shape [{b}], got {tuple(timesteps.shape)}")
         # One host sync for all range checks (the max length is needed anyway to cut the sequence).
-        lo_len, hi_len, lo_y, hi_y = torch.stack([lengths.min(), lengths.max(), class_labels.min(),
-                                                  class_labels.max()]).tolist()
+        # Non-finite tokens count only at valid positions: padding may hold anything.
+        valid = torch.arange(length, device=tokens.device)[None, :] < lengths[:, None]
+        bad_tokens = (~torch.isfinite(tokens).all(-1) & valid).sum()
+        t = timesteps.double()
+        checks = torch.stack([v.double() for v in (lengths.min(), lengths.max(), class_labels.min(),
+                                                   class_labels.max(), bad_tokens, t.min(), t.max(),
+                                                   torch.isfinite(t).all())]).tolist()
+        lo_len, hi_len, lo_y, hi_y, num_bad = (int(v) for v in checks[:5])
+        lo_t, hi_t, finite_t = checks[5:]
+        if not finite_t or lo_t < 0.0 or hi_t > 1.0:
+            raise ValueError(f"timesteps must be finite flow times in [0, 1] (1 = noise), got values in "
+                             f"[{lo_t:.4g}, {hi_t:.4g}]")
         top = min(length, c.max_tokens)
         if lo_len < 1 or hi_len > top:
             raise ValueError(f"lengths must lie in 1..{top} (min of tokens' L={length} and max_tokens="
@@ -338,6 +359,8 @@ class AdaTokDiT(AdaTokDiTPreTrainedModel):
         if lo_y < 0 or hi_y > c.num_classes:
             raise ValueError(f"class_labels must lie in 0..{c.num_classes} ({c.num_classes} = the null class), "
                              f"got values in [{lo_y}, {hi_y}]")
+        if num_bad:
+            raise ValueError(f"tokens hold NaN or infinite values at {num_bad} valid (unpadded) position(s)")
         return timesteps, lo_len, hi_len
 
     def embed_condition(self, timesteps: torch.Tensor, class_labels: torch.Tensor,
@@ -403,11 +426,19 @@ class AdaTokDiT(AdaTokDiTPreTrainedModel):
             past each length) and ``lengths [B]``.
         """
         labels = check_class_labels(class_labels, self.config.num_classes, allow_null=True).to(self.device)
+        if guidance_interval is not None and (
+                not isinstance(guidance_interval, (tuple, list))
+                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in guidance_interval)):
+            raise TypeError(f"guidance_interval must be None or a pair (lo, hi) of times in [0, 1], "
+                            f"got {_describe(guidance_interval)}")
         check_guidance(cfg_scale, guidance_interval)
-        if sampler not in SAMPLERS:
+        if not isinstance(sampler, str) or sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        num_steps = int(num_steps)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
         b = labels.shape[0]
         if num_tokens is None:
             lengths = self.length_sampler.sample(labels, generator=generator)

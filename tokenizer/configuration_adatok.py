@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .validation import check_model_type
+
 LATENT_SPACES = ("pixel", "vae")
 BOTTLENECKS = ("continuous", "fsq")
 TOKEN_REGULARIZERS = ("none", "layernorm", "kl")
@@ -129,6 +131,14 @@ class AdaTokConfig(PretrainedConfig):
             self.vae_config = copy.deepcopy(VAE_ARCHITECTURES["va-vae-f16d32"])
         super().__post_init__(**kwargs)
         self._validate()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Like ``PretrainedConfig.from_pretrained``, but a ``config.json`` of another ``model_type`` is a
+        ``ValueError`` (transformers only warns and builds a default config)."""
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_model_type(config_dict, cls.model_type, pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:

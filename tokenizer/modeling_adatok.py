@@ -34,7 +34,8 @@ from .latent_space import VAELatentSpace, build_latent_space
 from .policy import QualityCurveHead, TokenLengthPolicy, allocate_budget, length_grid
 from .quantizer import FSQBottleneck, build_bottleneck
 from .rewards import RewardSpec
-from .validation import check_lengths, check_pixel_values, check_tokens, resolve_num_tokens
+from .validation import (check_lengths, check_pixel_values, check_positive_number, check_tokens,
+                         load_pretrained_strictly, resolve_num_tokens)
 
 LENGTH_MODES = ("auto", "sample", "search", "oracle")
 
@@ -216,6 +217,14 @@ class AdaTokPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["Block"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained``, strict: weights from safetensors only, and any missing,
+        unexpected or shape-mismatched weight (or a ``config.json`` of another ``model_type``) raises a
+        ``ValueError`` naming it. ``strict=False`` restores transformers' warn-and-reinitialise."""
+        return load_pretrained_strictly(super().from_pretrained, cls.__name__, pretrained_model_name_or_path,
+                                        model_args, kwargs, strict)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -395,9 +404,8 @@ class AdaTokModel(AdaTokPreTrainedModel):
         if isinstance(mode, dict):
             if len(mode) != 1 or next(iter(mode)) not in ("max_mse", "mean_budget"):
                 raise ValueError(f"num_tokens as a dict must be {{'max_mse': x}} or {{'mean_budget': n}}, got {mode!r}")
-            value = next(iter(mode.values()))
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"num_tokens={mode!r}: the target must be a positive number")
+            key, value = next(iter(mode.items()))
+            check_positive_number(value, f"num_tokens[{key!r}]")
         elif mode not in LENGTH_MODES:
             raise ValueError(f"num_tokens must be an int, a LongTensor [B], one of {LENGTH_MODES} or a dial dict, "
                              f"got {mode!r}")
@@ -426,7 +434,7 @@ class AdaTokModel(AdaTokPreTrainedModel):
             return self.policy.sample(features)[0]
         if "max_mse" in mode:
             return self.quality_head.min_length_for_quality(features, float(mode["max_mse"]))
-        budget = float(mode["mean_budget"])
+        budget = float(mode["mean_budget"])  # finite and > 0: checked by _check_mode
         grid = self.quality_head.grid
         if not float(grid[0]) <= budget <= float(grid[-1]):
             raise ValueError(f"num_tokens={{'mean_budget': {budget}}} must lie in [{int(grid[0])}, {int(grid[-1])}]")
@@ -455,7 +463,13 @@ class AdaTokModel(AdaTokPreTrainedModel):
         if not torch.isfinite(tokens.masked_fill(~token_mask(lengths, length)[..., None], 0.0)).all():
             raise ValueError("tokens contains NaN or infinite values at valid (unpadded) positions")
         latents = self.forward_decoder(tokens.to(self.dtype), lengths)
-        return self.latent_space.decode(latents).clamp(0.0, 1.0)
+        images = self.latent_space.decode(latents)
+        # clamp() keeps NaN: finite but huge tokens (e.g. 1e38) overflow inside the decoder.
+        if not torch.isfinite(images).all():
+            raise ValueError(f"tokens: decoding gave non-finite pixels; the valid tokens hold values up to "
+                             f"{float(tokens.masked_fill(~token_mask(lengths, length)[..., None], 0).abs().max()):.3g} "
+                             "in magnitude, far outside what this tokenizer produces")
+        return images.clamp(0.0, 1.0)
 
     def decode_codes(self, codes: torch.LongTensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """FSQ only: reconstruct images from integer codes ``[B, L]`` (``-1`` padding allowed)."""

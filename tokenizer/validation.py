@@ -7,6 +7,9 @@ range or content) naming the argument, what was expected and what arrived, so a 
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -79,13 +82,75 @@ def resolve_num_tokens(num_tokens, batch_size: int, max_length: int, device: tor
         return torch.full((batch_size,), max_length, dtype=torch.long, device=device)
     if isinstance(num_tokens, bool):
         raise TypeError(f"{name} must be an int, a LongTensor [B] or a mode string, got bool {num_tokens!r}")
-    if isinstance(num_tokens, int):
-        if not 1 <= num_tokens <= max_length:
-            raise ValueError(f"{name} must lie in 1..{max_length}, got {num_tokens}")
-        return torch.full((batch_size,), num_tokens, dtype=torch.long, device=device)
+    if isinstance(num_tokens, numbers.Integral):  # int and NumPy integers
+        if not 1 <= int(num_tokens) <= max_length:
+            raise ValueError(f"{name} must lie in 1..{max_length}, got {int(num_tokens)}")
+        return torch.full((batch_size,), int(num_tokens), dtype=torch.long, device=device)
     if isinstance(num_tokens, torch.Tensor):
         if num_tokens.dim() == 0:
             return resolve_num_tokens(int(num_tokens) if not num_tokens.is_floating_point() else num_tokens.item(),
                                       batch_size, max_length, device, name)
         return check_lengths(num_tokens, batch_size, max_length, name).to(device)
     raise TypeError(f"{name} must be None, an int, a LongTensor [B] or a mode string, got {_describe(num_tokens)}")
+
+
+def check_positive_number(value, name: str) -> float:
+    """``value`` must be a finite real number > 0 (Python or NumPy); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+# ============================================================================================
+# loading: a checkpoint must match its config exactly
+# ============================================================================================
+def check_model_type(config_dict: dict, expected: str, source) -> None:
+    """Raise when ``config.json`` (``config_dict``) describes another model than ``expected``.
+
+    A composite config (e.g. the VLM's) that nests a sub-config of the expected type is accepted:
+    transformers picks that sub-config.
+    """
+    found = config_dict.get("model_type")
+    if found is None or found == expected:
+        return
+    if any(isinstance(v, dict) and v.get("model_type") == expected for v in config_dict.values()):
+        return
+    raise ValueError(f"model_type: {source} holds a {found!r} config, expected {expected!r}; load it with its own "
+                     f"class or with transformers.AutoModel / AutoConfig")
+
+
+def load_pretrained_strictly(load, cls_name: str, source, model_args: tuple, kwargs: dict, strict: bool):
+    """Run ``PreTrainedModel.from_pretrained`` (``load``) so that any checkpoint/config mismatch raises.
+
+    Weights come from safetensors only (``use_safetensors=True``: a folder with just a pickled
+    ``pytorch_model.bin`` is an error, never unpickled). With ``strict``, missing, unexpected and
+    shape-mismatched weights raise a ``ValueError`` naming them, where transformers would only warn
+    and re-initialise them randomly. ``ignore_mismatched_sizes=True`` still allows shape mismatches
+    (those weights are re-initialised); ``strict=False`` restores transformers' behaviour entirely.
+    """
+    kwargs.setdefault("use_safetensors", True)
+    if not strict:
+        return load(source, *model_args, **kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+    # transformers raises a RuntimeError without names on a shape mismatch: let it load, then report.
+    model, info = load(source, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing from the checkpoint: {sorted(info['missing_keys'])}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected in the checkpoint: {sorted(info['unexpected_keys'])}")
+    if info.get("mismatched_keys") and not allow_mismatch:
+        shapes = [f"{name} (checkpoint {tuple(ckpt)}, model {tuple(model_shape)})"
+                  for name, ckpt, model_shape in sorted(info["mismatched_keys"], key=lambda k: k[0])]
+        problems.append(f"shape mismatch: {shapes}")
+    if info.get("error_msgs"):
+        problems.append(f"errors: {info['error_msgs']}")
+    if problems:
+        raise ValueError(f"{cls_name}.from_pretrained({str(source)!r}): the checkpoint does not match its config; "
+                         + "; ".join(problems) + ". Pass strict=False to load anyway (transformers then warns and "
+                         "initialises the missing or mismatched weights randomly)")
+    return (model, info) if want_info else model

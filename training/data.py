@@ -678,6 +678,12 @@ class ImageTransformDataset(torch.utils.data.Dataset):
         try:
             image = decode_image(value)
         except ImageDecodeError as err:  # the detail names the file when there is one
+            if err.reason == "unreadable" and path is not None and not Path(path).parent.is_dir():
+                # One vanished file is skipped; a vanished folder means the data set itself is gone.
+                raise FileNotFoundError(
+                    f"the data set disappeared mid-epoch: the folder {Path(path).parent} of item {index} ({path}) no "
+                    f"longer exists (unmounted or deleted?); single missing files are skipped, a missing folder stops"
+                ) from err
             return SkippedImage(index, err.reason, err.detail)
         try:
             pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
