@@ -5,6 +5,7 @@ Entry points (``train_tokenizer``, ``train_policy``, ...) stay short by composin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -49,11 +50,17 @@ class EMA(nn.Module):
 
     ``decay`` ramps as ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the
     random init. ``copy_to(model)`` writes the averaged weights into a model (e.g. for export).
+
+    Under ZeRO-3 the live parameters are shards: build the EMA from the whole model *before*
+    ``accelerator.prepare`` and pass ``gather`` (``distributed.param_gatherer``), a context factory
+    that makes a list of parameters whole on every rank; ``update`` then gathers a chunk of at most
+    ``gather_numel`` elements at a time. The shadow is a full copy on every rank.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
+    def __init__(self, model: nn.Module, decay: float = 0.999, gather=None, gather_numel: int = 1 << 26):
         super().__init__()
         self.decay = decay
+        self.gather, self.gather_numel = gather, gather_numel
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
@@ -62,13 +69,30 @@ class EMA(nn.Module):
         self.num_updates += 1
         n = float(self.num_updates)
         decay = min(self.decay, (1.0 + n) / (10.0 + n))
-        for (name, ema_p), (_, p) in zip(self.shadow.named_parameters(), model.named_parameters()):
-            if p.requires_grad:
-                ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
-            else:
-                ema_p.copy_(p.detach())
+        pairs = [(ema_p, p) for (_, ema_p), (_, p) in zip(self.shadow.named_parameters(), model.named_parameters())]
+        for chunk in self._chunks(pairs):
+            with self.gather([p for _, p in chunk]) if self.gather is not None else contextlib.nullcontext():
+                for ema_p, p in chunk:
+                    if p.requires_grad:
+                        ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+                    else:
+                        ema_p.copy_(p.detach())
         for ema_b, b in zip(self.shadow.buffers(), model.buffers()):
             ema_b.copy_(b)
+
+    def _chunks(self, pairs):
+        if self.gather is None:
+            yield pairs
+            return
+        chunk, size = [], 0
+        for pair in pairs:
+            chunk.append(pair)
+            size += pair[0].numel()
+            if size >= self.gather_numel:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

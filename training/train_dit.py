@@ -16,6 +16,12 @@ of each batch are drawn from a generator seeded by (seed, rank, epoch, batch), n
 stream). With ``--tokenizer`` the run writes sample grids (rows = classes) every
 ``train.sample_every`` steps. The EMA model is exported with ``save_pretrained`` to
 ``<output_dir>/model`` (loads with ``AutoModel``; ``adatok sample-c2i --dit`` takes it).
+
+Under DeepSpeed ZeRO-2/3 (``--train.deepspeed zero3``, or a DeepSpeed ``accelerate launch``) the DiT
+and its AdamW form one engine; every rank calls it once per micro-batch whatever its batch's padded
+length, so length-grouped batches stay in lock-step. The EMA is a whole copy taken before ``prepare``
+and updated from gathered weights under ZeRO-3; sample grids and the export use it (or a consolidated
+copy without EMA); logged losses are averaged over ranks.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from ..generator import (AdaTokDiT, AdaTokDiTConfig, ClassToImagePipeline, Lengt
 from ..generator.sample_c2i import class_grid, class_names_from_config, model_fingerprint, to_uint8
 from .checkpointing import CheckpointManager
 from .config import parse_config
+from .distributed import (assert_replicas_match, describe_batch, final_model, half_precision_autocast, materialize,
+                          mean_over_ranks, non_finite_anywhere, param_gatherer, uses_deepspeed, zero_stage)
 from .engine import EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
 from .extract_tokens import TokenCache
 from .launch import make_accelerator
@@ -82,6 +90,7 @@ class DiTTrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None                # "auto" | a checkpoint folder
     export: bool = True
+    deepspeed: str | None = None             # DeepSpeed JSON (configs/deepspeed/zero2.json) or its name ("zero3")
 
 
 @dataclass
@@ -148,13 +157,17 @@ def train(cfg: DiTTrainingConfig) -> dict:
     """Train the DiT on a token cache; returns a summary (steps, wall time, losses, export path)."""
     tc = cfg.train
     configure_threads(tc.num_threads)
-    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum)
+    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum, deepspeed=tc.deepspeed,
+                                   micro_batch_size=tc.batch_size, grad_clip=tc.grad_clip)
+    ds = uses_deepspeed(accelerator)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out_dir = Path(tc.output_dir)
     cache = TokenCache(cfg.data.tokens, limit=cfg.data.limit)
 
     torch.manual_seed(tc.seed)                                      # the same init on every rank
     model = AdaTokDiT(build_dit_config(cfg.model, cache.meta))
+    assert_replicas_match(accelerator, model, "DiT")
+    num_parameters = model.num_parameters()                         # before ZeRO-3 shards the weights
     max_tokens = model.config.max_tokens
     sampler = LengthGroupedBatchSampler(cache.lengths, tc.batch_size, seed=tc.seed, drop_last=True,
                                         mega_batch_mult=cfg.data.mega_batch_mult, rank=rank, world_size=world)
@@ -164,12 +177,21 @@ def train(cfg: DiTTrainingConfig) -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    # The EMA copies the whole model before prepare (under ZeRO-3 prepare shards it in place).
+    ema = EMA(model, tc.ema_decay, gather=param_gatherer(accelerator)).to(accelerator.device) \
+        if tc.ema_decay > 0 else None
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    ema = EMA(raw_model, tc.ema_decay) if tc.ema_decay > 0 else None
-    modules = {"model": raw_model} | ({"ema": ema} if ema is not None else {})
-    ckpt = CheckpointManager(out_dir, modules, {"optimizer": optimizer}, keep=tc.keep_checkpoints,
-                             is_main_process=is_main)
+    modules = ({} if ds else {"model": raw_model}) | ({"ema": ema} if ema is not None else {})
+
+    def write_pretrained(folder: Path) -> None:
+        raw_model.config.save_pretrained(folder)
+
+    ckpt = CheckpointManager(out_dir, modules, {} if ds else {"optimizer": optimizer}, keep=tc.keep_checkpoints,
+                             is_main_process=is_main, engines={"model": model} if ds else None,
+                             pretrained={"model": write_pretrained} if ds else None,
+                             rank=rank, world_size=world, local_rank=accelerator.local_process_index,
+                             barrier=accelerator.wait_for_everyone)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "images": 0, "tokens": 0}
     if tc.resume and (tc.resume != "auto" or ckpt.latest() is not None):
@@ -192,11 +214,12 @@ def train(cfg: DiTTrainingConfig) -> dict:
     logger = RunLogger(out_dir, enabled=is_main)
     if is_main:
         pad = padding_fraction(sampler.global_batches(0), cache.lengths, cfg.data.pad_to_multiple_of)
-        print(f"DiT over AdaTok tokens: {raw_model.num_parameters() / 1e6:.2f}M parameters, {len(cache)} images "
+        print(f"DiT over AdaTok tokens: {num_parameters / 1e6:.2f}M parameters, {len(cache)} images "
               f"({cache.meta['num_classes']} classes, mean length {float(cache.lengths.float().mean()):.2f} of "
               f"{max_tokens}, token_dim {raw_model.config.token_dim}), "
-              f"global batch {global_batch} = {tc.batch_size} x {tc.grad_accum} accumulation x {world} processes, "
-              f"padding {pad:.1%}, device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+              f"{describe_batch(tc.batch_size, tc.grad_accum, world)}, "
+              f"padding {pad:.1%}, device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+              + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
 
     def progress_fraction(step: int, elapsed: float) -> float:
         p = step / max(1, tc.max_steps)
@@ -208,10 +231,15 @@ def train(cfg: DiTTrainingConfig) -> dict:
         accelerator.wait_for_everyone()
         return path
 
+    sampling = bool(cfg.tokenizer and tc.sample_every)             # the same on every rank
+
     def write_samples(step: int) -> None:
+        if not sampling:
+            return
+        dit = ema.shadow if ema is not None else materialize(accelerator, model)   # a collective under ZeRO-3
         if adatok is not None:
-            sample_grid(ema.shadow if ema is not None else raw_model, adatok, cfg.sample,
-                        out_dir / "samples" / f"step-{step:08d}.png")
+            sample_grid(dit, adatok, cfg.sample, out_dir / "samples" / f"step-{step:08d}.png")
+        accelerator.wait_for_everyone()
 
     bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc="DiT (flow matching)",
                dynamic_ncols=True)
@@ -230,13 +258,13 @@ def train(cfg: DiTTrainingConfig) -> dict:
             lr = lr_at(progress_fraction(step, elapsed), step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
             g = batch_generator(accelerator.device, tc.seed, rank, state["epoch"], state["batch"])
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), half_precision_autocast(accelerator):
                 x0 = raw_model.normalize_tokens(tokens, lengths)
                 out = flow_matching_loss(model, x0, lengths, labels, null_class=raw_model.null_class,
                                          class_dropout_prob=raw_model.config.class_dropout_prob,
                                          time_distribution=tc.time_distribution, logit_mean=tc.logit_mean,
                                          logit_std=tc.logit_std, generator=g)
-                bad = check_finite({"loss": out.loss})
+                bad = non_finite_anywhere(accelerator, check_finite({"loss": out.loss}))
                 if bad is not None:
                     path = save(step)
                     bar.close()
@@ -262,8 +290,9 @@ def train(cfg: DiTTrainingConfig) -> dict:
                 now = time.time()
                 ips = (state["images"] - last_log_images) / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_images = now, state["images"]
-                values = {"loss": float(out.loss.detach()), "lr": lr, "images_per_s": ips,
-                          "mean_length": float(lengths.float().mean()), "padded_length": int(tokens.shape[1])}
+                values = mean_over_ranks(accelerator, {"loss": float(out.loss.detach())})
+                values.update({"lr": lr, "images_per_s": ips,
+                               "mean_length": float(lengths.float().mean()), "padded_length": int(tokens.shape[1])})
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
                 logger.log(step, values)
@@ -271,7 +300,7 @@ def train(cfg: DiTTrainingConfig) -> dict:
                 if tc.time_budget_s:
                     postfix["left"] = f"{max(0.0, tc.time_budget_s - elapsed):.0f}s"
                 bar.set_postfix(postfix)
-            if is_main and tc.sample_every and step % tc.sample_every == 0:
+            if sampling and step % tc.sample_every == 0:
                 write_samples(step)
                 last_sampled = step
             if tc.save_every and step % tc.save_every == 0:
@@ -285,14 +314,17 @@ def train(cfg: DiTTrainingConfig) -> dict:
             sampler.set_position(state["epoch"], 0)
     bar.close()
     final_ckpt = save(state["step"])
-    if is_main and tc.sample_every and last_sampled != state["step"]:
+    if sampling and last_sampled != state["step"]:
         write_samples(state["step"])
     summary = {"steps": state["step"], "wall_s": state["elapsed_s"],
                "images_per_s": state["images"] / max(state["elapsed_s"], 1e-9),
-               "num_parameters": raw_model.num_parameters(), "checkpoint": str(final_ckpt) if final_ckpt else None}
+               "num_parameters": num_parameters, "checkpoint": str(final_ckpt) if final_ckpt else None}
+    export_model = None
+    if tc.export:
+        export_model = ema.shadow if ema is not None else final_model(accelerator, model, final_ckpt)   # collective
     if tc.export and is_main:
         export_dir = out_dir / "model"
-        (ema.shadow if ema is not None else raw_model).save_pretrained(export_dir)
+        export_model.save_pretrained(export_dir)
         provenance = {k: cache.meta.get(k) for k in ("tokenizer", "tokenizer_fingerprint", "num_tokens",
                                                       "num_items", "mean_length", "class_names")}
         (export_dir / "token_cache.json").write_text(json.dumps(dict(provenance, path=str(Path(cfg.data.tokens)

@@ -9,10 +9,17 @@ The stage-1 tokenizer is frozen. Per batch: one encoder pass gives the policy's 
 the baseline ``R(L_mean)``; the advantage is eq. 8 and the loss eq. 9 with a decaying entropy bonus.
 The same run fits the quality head (rl(L) curves) on the losses it measured, for the quality/budget
 dial. The exported model answers ``encode(x, num_tokens="auto")``.
+
+Under DeepSpeed (``--train.deepspeed zero2``/``zero3`` or a DeepSpeed ``accelerate launch``) only
+the trainable heads (policy + quality head) form the engine; the frozen tokenizer stays a plain
+replica on every rank, so the variable-length decodes it runs (``L`` differs per rank) are local and
+the sharded heads are called the same number of times on every rank each step. Logged values are
+averaged over ranks; the export consolidates the heads (a collective) and rank 0 writes the model.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +33,9 @@ from ..tokenizer.rewards import entropy_weight, reinforce_loss, relative_advanta
 from .batches import PreloadedImages, ResumableBatchSampler
 from .checkpointing import CheckpointManager
 from .config import parse_config
+from .distributed import (assert_replicas_match, describe_batch, fill_bucket_sizes, final_model, full_state_dict,
+                          half_precision_autocast, half_precision_engine, mean_over_ranks, non_finite_anywhere,
+                          uses_deepspeed, zero_stage)
 from .engine import NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
 from .launch import make_accelerator
 from .train_tokenizer import DataConfig, build_image_processor, build_train_data
@@ -61,6 +71,7 @@ class PolicyTrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None
     export: bool = True
+    deepspeed: str | None = None             # DeepSpeed JSON (configs/deepspeed/zero2.json) or its name ("zero3")
 
 
 @dataclass
@@ -92,11 +103,14 @@ def _mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def train(cfg: PolicyTrainingConfig) -> dict:
     tc = cfg.train
     configure_threads(tc.num_threads)
-    accelerator = make_accelerator(tc.mixed_precision)
+    accelerator = make_accelerator(tc.mixed_precision, deepspeed=tc.deepspeed, micro_batch_size=tc.batch_size,
+                                   grad_clip=tc.grad_clip)
     is_main = accelerator.is_main_process
+    ds = uses_deepspeed(accelerator)
     out_dir = Path(tc.output_dir)
     torch.manual_seed(tc.seed)
     model = load_tokenizer_for_policy(cfg.tokenizer, cfg.model).to(accelerator.device).eval()
+    assert_replicas_match(accelerator, model, "tokenizer with its fresh policy")
     torch.manual_seed(tc.seed + 1000 * accelerator.process_index)
     policy, curve_head = model.policy, model.quality_head
     grid = policy.grid
@@ -108,11 +122,26 @@ def train(cfg: PolicyTrainingConfig) -> dict:
                                     world_size=accelerator.num_processes)
     heads = torch.nn.ModuleDict({"policy": policy, "quality_head": curve_head})
     params = [p for p in heads.parameters() if p.requires_grad]
+    num_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    fill_bucket_sizes(accelerator, model.config.policy_hidden_size)   # the heads have no config.hidden_size
     heads, optimizer = accelerator.prepare(heads, optimizer)
     raw_heads = accelerator.unwrap_model(heads)
-    ckpt = CheckpointManager(out_dir, {"heads": raw_heads}, {"optimizer": optimizer}, keep=tc.keep_checkpoints,
-                             is_main_process=is_main)
+
+    def write_pretrained(folder: Path) -> None:
+        model.config.save_pretrained(folder)
+        build_image_processor(model.config, cfg.data, train=False).save_pretrained(folder)
+        # ``adatok export`` takes the frozen weights from here and the heads from the ZeRO shards.
+        (folder / "export.json").write_text(json.dumps({"base_model": str(Path(cfg.tokenizer).resolve())}),
+                                            encoding="utf-8")
+
+    ckpt = CheckpointManager(out_dir, {} if ds else {"heads": raw_heads}, {} if ds else {"optimizer": optimizer},
+                             keep=tc.keep_checkpoints, is_main_process=is_main,
+                             engines={"heads": heads} if ds else None,
+                             pretrained={"heads": write_pretrained} if ds else None,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             local_rank=accelerator.local_process_index,
+                             barrier=accelerator.wait_for_everyone)
     state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "history": []}
     if tc.resume and (tc.resume != "auto" or ckpt.latest() is not None):
         state = ckpt.load(None if tc.resume == "auto" else tc.resume)
@@ -120,8 +149,9 @@ def train(cfg: PolicyTrainingConfig) -> dict:
     logger = RunLogger(out_dir, enabled=is_main)
     if is_main:
         print(f"AdaTok stage 2 (ATA): lengths {int(grid[0])}..{int(grid[-1])} ({grid.numel()} choices), "
-              f"{spec.kind} reward, {tc.advantage} advantage (mu={tc.mu}), global batch "
-              f"{tc.batch_size * accelerator.num_processes}, {sum(p.numel() for p in params) / 1e3:.1f}K trainable")
+              f"{spec.kind} reward, {tc.advantage} advantage (mu={tc.mu}), "
+              f"{describe_batch(tc.batch_size, 1, accelerator.num_processes)}, {num_trainable / 1e3:.1f}K trainable"
+              + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
 
     bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc="stage 2 (ATA)", dynamic_ncols=True)
     started = time.time() - state["elapsed_s"]
@@ -142,8 +172,9 @@ def train(cfg: PolicyTrainingConfig) -> dict:
             with torch.no_grad():
                 tokens, hidden, _, _ = model.forward_encoder(x)
                 features = model.policy_features(hidden)
-            lengths, log_prob, entropy = policy.sample(features)
-            mean_lengths = policy.rounded_expected_length(features)
+            with half_precision_autocast(accelerator):   # heads in bf16 under a DeepSpeed bf16 engine
+                lengths, log_prob, entropy = policy.sample(features)
+                mean_lengths = policy.rounded_expected_length(features)
             with torch.no_grad():
                 rl = _mse(model.decode(tokens[:, : int(lengths.max())], lengths), x)
                 rl_mean = _mse(model.decode(tokens[:, : int(mean_lengths.max())], mean_lengths), x)
@@ -157,11 +188,12 @@ def train(cfg: PolicyTrainingConfig) -> dict:
             advantage = relative_advantage(reward, baseline, tc.mu, tc.advantage)
             lam = entropy_weight(step, tc.max_steps, tc.entropy_start, tc.entropy_end, tc.entropy_schedule)
             pg_loss, pg_logs = reinforce_loss(log_prob, advantage, entropy, lam)
-            curve_loss = curve_head.curve_loss(features, torch.stack(measured_l, 1), torch.stack(measured_rl, 1))
+            with half_precision_autocast(accelerator):
+                curve_loss = curve_head.curve_loss(features, torch.stack(measured_l, 1), torch.stack(measured_rl, 1))
             loss = pg_loss + tc.curve_weight * curve_loss
             checks = {"loss": loss, "reward": reward.mean(), "advantage": advantage.mean(),
                       "log_prob": log_prob.mean(), "curve_loss": curve_loss}
-            bad = check_finite(checks)
+            bad = non_finite_anywhere(accelerator, check_finite(checks))
             if bad is not None:
                 path = ckpt.save(step, state)
                 raise NonFiniteLossError(step, bad[0], bad[1], str(path) if path else None)
@@ -180,6 +212,7 @@ def train(cfg: PolicyTrainingConfig) -> dict:
                       "log_prob": float(log_prob.mean().detach()), "entropy_weight": lam,
                       "length_mean": float(lengths.float().mean()), "length_std": float(lengths.float().std()),
                       "rl": float(rl.mean()), "curve_loss": float(curve_loss.detach()), "lr": lr}
+            record = mean_over_ranks(accelerator, record)   # the global batch's values (a collective)
             state["history"].append({k: record[k] for k in ("reward", "entropy", "log_prob", "length_mean")} | {"step": step})
             _warn_on_collapse(state["history"], tc.max_steps, is_main)
             if step % tc.log_every == 0 or step == 1:
@@ -198,15 +231,28 @@ def train(cfg: PolicyTrainingConfig) -> dict:
     bar.close()
     final = ckpt.save(state["step"], state)
     summary = {"steps": state["step"], "wall_s": state["elapsed_s"], "checkpoint": str(final) if final else None}
+    # The heads' whole weights: the fp32 master copies of a half-precision engine (from the final
+    # checkpoint, on the main process), else the live ones (gathered: a collective under ZeRO-3).
+    export_model, heads_state = None, None
+    if tc.export and half_precision_engine(accelerator):
+        export_model = final_model(accelerator, heads, final, tag="heads")
+    elif tc.export and ds:
+        heads_state = full_state_dict(accelerator, heads)
     if is_main:
         from .visualize import training_curves
 
         training_curves(state["history"], out_dir)
         if tc.export:
             export_dir = out_dir / "model"
-            model.save_pretrained(export_dir)
+            if export_model is not None:
+                export_model.save_pretrained(export_dir)
+            elif heads_state is not None:   # whole heads over the (possibly sharded) ones
+                model.save_pretrained(export_dir, state_dict={**model.state_dict(), **heads_state})
+            else:
+                model.save_pretrained(export_dir)
             build_image_processor(model.config, cfg.data, train=False).save_pretrained(export_dir)
             summary["model_dir"] = str(export_dir)
+    accelerator.wait_for_everyone()
     logger.close()
     return summary
 

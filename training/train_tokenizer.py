@@ -7,10 +7,34 @@
 Set-up lives here; the loop's shared pieces (LR schedule, EMA, checkpoints, logging) live in
 ``engine`` and ``checkpointing``. ``--resume auto`` continues from the latest complete checkpoint
 with the same step, optimizer, EMA, data position and RNG state.
+
+Under DeepSpeed ZeRO-2/3 (``--train.deepspeed configs/deepspeed/zero3.json``, or ``accelerate launch
+--config_file configs/accelerate/...``) the same loop runs unchanged: the tokenizer and its AdamW
+become one DeepSpeed engine (sharded optimizer state and gradients, and under ZeRO-3 sharded
+weights); logs are averaged over ranks and written by rank 0; sample grids and the export read a
+consolidated copy (``distributed.materialize``); checkpoints hold the engine's shards
+(``adatok export`` consolidates them).
+
+The GAN problem (two models, two optimizers). The PatchGAN discriminator is kept *outside* ZeRO: a
+plain ``DistributedDataParallel`` replica with its own torch AdamW, stepped with its own
+``backward``. Chosen over Accelerate's multiple DeepSpeed plugins (a second engine) because
+
+* ``accelerator.backward`` drives one DeepSpeed engine (the last one prepared): two engines would
+  need two hand-driven ``engine.backward``/``engine.step`` paths and two sets of "auto" batch values;
+* L_G's gradient flows *through* the discriminator to the tokenizer; the discriminator is evaluated
+  there with detached parameters (``AdaTokStage1Loss._frozen_discriminator``), which a ZeRO-3
+  discriminator (empty parameter shards outside its own forward hooks) would not allow, while a
+  replica allows it for free;
+* the discriminator is small (about 3% of the tokenizer's parameters at the ``adatok-s`` size):
+  sharding it would save next to nothing while adding collectives to every generator step.
+
+Its parameters, optimizer and LeCam statistics are replicated, so rank 0 checkpoints them in
+safetensors as in a single-process run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +47,8 @@ from ..tokenizer import AdaTokConfig, AdaTokModel
 from .batches import PreloadedImages, ResumableBatchSampler, collate_preloaded, preload_images
 from .checkpointing import CheckpointManager
 from .config import parse_config
+from .distributed import (assert_replicas_match, describe_batch, final_model, half_precision_autocast, materialize,
+                          mean_over_ranks, non_finite_anywhere, param_gatherer, replicate, uses_deepspeed, zero_stage)
 from .engine import EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
 from .evaluation import default_lengths
 from .launch import make_accelerator
@@ -83,6 +109,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None                # "auto" | a checkpoint folder
     export: bool = True                      # save_pretrained the final (EMA) model to <output_dir>/model
+    deepspeed: str | None = None             # DeepSpeed JSON (configs/deepspeed/zero2.json) or its name ("zero3")
 
 
 @dataclass
@@ -137,20 +164,82 @@ def flip_batch(pixels: torch.Tensor, seed: int, step: int) -> torch.Tensor:
 
 
 # =============================================================================================
+# the adaptive GAN weight under DeepSpeed
+# =============================================================================================
+class LastLayerInput:
+    """Keeps the input ``h [B, n, dim]`` of the decoder's last layer from the latest forward pass."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.h = None
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.h = args[0].detach()
+
+
+def replayed_adaptive_weight(accelerator, raw_model: AdaTokModel, loss_fn, h: torch.Tensor,
+                             target_latents: torch.Tensor, pixels: torch.Tensor, pixel_weight: float) -> float:
+    """VQGAN's adaptive weight ``lambda_g * ||d nll/d w|| / ||d L_G/d w||`` for a DeepSpeed engine.
+
+    ``torch.autograd.grad`` through an engine's outputs fires DeepSpeed's backward hooks (its
+    prologue/epilogue would run for a pass that is not the training backward), and under ZeRO-3 ``w``
+    is a shard. Both losses depend on the last layer's weight ``w`` only through ``h w^T + b`` (``h``
+    held fixed), so replaying that layer and everything after it on a detached ``h`` with a gathered,
+    detached copy of ``w`` gives exactly the same two gradients, in a small graph DeepSpeed never sees.
+    """
+    from ..tokenizer.losses import adaptive_generator_weight, hinge_g_loss
+    from ..tokenizer.modeling_adatok import unpatchify
+    from .distributed import gathered
+
+    layer = raw_model.decoder.to_patches
+    with gathered(accelerator, list(layer.parameters())):   # a collective under ZeRO-3
+        w = layer.weight.detach().clone().requires_grad_(True)
+        b = layer.bias.detach().clone() if layer.bias is not None else None
+    c = raw_model.config
+    latents = unpatchify(torch.nn.functional.linear(h, w, b), c.patch_size, c.latent_channels,
+                         c.latent_grid_size // c.patch_size)
+    recon = raw_model.latent_space.decode(latents)
+    nll = torch.nn.functional.mse_loss(latents.float(), target_latents.detach().float())
+    if pixel_weight > 0:
+        nll = nll + pixel_weight * torch.nn.functional.mse_loss(recon.float(), pixels.float())
+    if loss_fn.perceptual is not None:
+        nll = nll + loss_fn.perceptual_weight * loss_fn.perceptual(recon, pixels).mean()
+    g_loss = hinge_g_loss(loss_fn._frozen_discriminator(recon))
+    return loss_fn.gan_weight * float(adaptive_generator_weight(nll, g_loss, w, loss_fn.max_adaptive_weight))
+
+
+@contextlib.contextmanager
+def fixed_gan_weight(loss_fn, weight: float | None):
+    """Run ``generator_loss`` with a weight computed elsewhere (``None``: leave the loss as it is)."""
+    if weight is None:
+        yield
+        return
+    saved = loss_fn.adaptive_gan_weight, loss_fn.gan_weight
+    loss_fn.adaptive_gan_weight, loss_fn.gan_weight = False, weight
+    try:
+        yield
+    finally:
+        loss_fn.adaptive_gan_weight, loss_fn.gan_weight = saved
+
+
+# =============================================================================================
 # the loop
 # =============================================================================================
 def train(cfg: TokenizerTrainingConfig) -> dict:
     """Run stage-1 training; returns a summary (steps, wall time, images/s, export path)."""
     tc = cfg.train
     configure_threads(tc.num_threads)
-    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum)
+    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum, deepspeed=tc.deepspeed,
+                                   micro_batch_size=tc.batch_size, grad_clip=tc.grad_clip)
     out_dir = Path(tc.output_dir)
     is_main = accelerator.is_main_process
+    ds = uses_deepspeed(accelerator)
 
     # Same init on every rank, different data randomness per rank.
     torch.manual_seed(tc.seed)
     model_config = build_model_config(cfg.model)
     model = AdaTokModel(model_config)
+    assert_replicas_match(accelerator, model, "tokenizer")
     torch.manual_seed(tc.seed + 1000 * accelerator.process_index)
 
     data, collate = build_train_data(cfg, model_config)
@@ -161,6 +250,7 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
     fast_batches = isinstance(data, PreloadedImages) and cfg.data.num_workers == 0
 
     params = [p for p in model.parameters() if p.requires_grad]
+    num_trainable = sum(p.numel() for p in params)   # counted before ZeRO-3 shards the parameters
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     loss_fn, disc, disc_opt = None, None, None
     if cfg.loss.perceptual_weight > 0 or cfg.loss.gan_weight > 0:
@@ -176,7 +266,15 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
             disc = loss_fn.discriminator
             disc_opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or tc.lr, betas=(0.5, 0.9),
                                          weight_decay=tc.weight_decay)
-    if disc is not None:
+    # The EMA copies the whole model before prepare (under ZeRO-3 prepare shards it in place).
+    ema = EMA(model, tc.ema_decay, gather=param_gatherer(accelerator)).to(accelerator.device) \
+        if tc.ema_decay > 0 else None
+    if ds:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if disc is not None:   # outside ZeRO: a DDP replica (see the module docstring)
+            disc = replicate(disc, accelerator)
+            loss_fn.discriminator = disc
+    elif disc is not None:
         model, optimizer, disc, disc_opt = accelerator.prepare(model, optimizer, disc, disc_opt)
         loss_fn.discriminator = disc   # the wrapped one, so its gradients are synchronised across ranks
     else:
@@ -184,16 +282,28 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
     if loss_fn is not None:
         loss_fn.to(accelerator.device)
     raw_model = accelerator.unwrap_model(model)
-    ema = EMA(raw_model, tc.ema_decay) if tc.ema_decay > 0 else None
+    replay = ds and disc is not None and cfg.loss.adaptive_gan_weight
+    last_layer_input = LastLayerInput(raw_model.decoder.to_patches) if replay else None
 
-    modules = {"model": raw_model}
-    optimizers = {"optimizer": optimizer}
+    # Under DeepSpeed the engine writes the tokenizer and its optimizer (sharded); the rest is replicated.
+    modules = {} if ds else {"model": raw_model}
+    optimizers = {} if ds else {"optimizer": optimizer}
     if ema is not None:
         modules["ema"] = ema
     if disc is not None:
-        modules["discriminator"] = accelerator.unwrap_model(disc)
+        modules["discriminator"] = accelerator.unwrap_model(disc) if not ds else getattr(disc, "module", disc)
         optimizers["disc_optimizer"] = disc_opt
-    ckpt = CheckpointManager(out_dir, modules, optimizers, keep=tc.keep_checkpoints, is_main_process=is_main)
+
+    def write_pretrained(folder: Path) -> None:
+        model_config.save_pretrained(folder)
+        build_image_processor(model_config, cfg.data, train=False).save_pretrained(folder)
+
+    ckpt = CheckpointManager(out_dir, modules, optimizers, keep=tc.keep_checkpoints, is_main_process=is_main,
+                             engines={"model": model} if ds else None,
+                             pretrained={"model": write_pretrained} if ds else None,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             local_rank=accelerator.local_process_index,
+                             barrier=accelerator.wait_for_everyone)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "images": 0, "skipped_images": 0}
     if tc.resume:
@@ -208,10 +318,10 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
     logger = RunLogger(out_dir, enabled=is_main)
     if is_main:
         print(f"AdaTok stage 1: {model_config.num_latent_tokens} tokens, "
-              f"{raw_model.num_parameters(only_trainable=True) / 1e6:.2f}M trainable parameters, "
-              f"{len(data)} images, global batch {global_batch} = {tc.batch_size} x {tc.grad_accum} accumulation "
-              f"x {accelerator.num_processes} processes, device {accelerator.device}, "
-              f"mixed precision {accelerator.mixed_precision}")
+              f"{num_trainable / 1e6:.2f}M trainable parameters, "
+              f"{len(data)} images, {describe_batch(tc.batch_size, tc.grad_accum, accelerator.num_processes)}, "
+              f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+              + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
         if getattr(data, "num_skipped", 0):
             print(f"skipped {data.num_skipped} unreadable images while preprocessing")
     sample_images = _sample_images(data, 8)
@@ -244,7 +354,7 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
             elapsed = time.time() - started
             lr = lr_at(progress_fraction(step, elapsed), step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), half_precision_autocast(accelerator):
                 out = model(pixels, return_reconstruction=loss_fn is not None or cfg.loss.pixel_weight > 0)
                 losses = {"recon_loss": out.recon_loss}
                 loss = out.loss
@@ -252,11 +362,16 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
                     losses["pixel_loss"] = torch.nn.functional.mse_loss(out.reconstruction.float(), pixels.float())
                     loss = loss + cfg.loss.pixel_weight * losses["pixel_loss"]
                 if loss_fn is not None:
-                    loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, loss, step,
-                                                        raw_model.last_layer_weight())
+                    weight = None
+                    if replay and loss_fn.gan_active(step):
+                        weight = replayed_adaptive_weight(accelerator, raw_model, loss_fn, last_layer_input.h,
+                                                          out.target_latents, pixels, cfg.loss.pixel_weight)
+                    with fixed_gan_weight(loss_fn, weight):
+                        loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, loss, step,
+                                                            raw_model.last_layer_weight())
                     losses.update({k: torch.as_tensor(v) for k, v in logs.items()})
                 losses["loss"] = loss
-                bad = check_finite(losses)
+                bad = non_finite_anywhere(accelerator, check_finite(losses))
                 if bad is not None:
                     path = save(step)
                     bar.close()
@@ -268,7 +383,17 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
                     grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if disc is not None:
+                if disc is not None and ds:
+                    # The replica outside ZeRO: accelerator.backward would drive the tokenizer's engine.
+                    sync = accelerator.sync_gradients or not hasattr(disc, "no_sync")
+                    with contextlib.nullcontext() if sync else disc.no_sync():
+                        d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
+                        (d_loss / tc.grad_accum).backward()
+                    if accelerator.sync_gradients:
+                        disc_opt.step()
+                        disc_opt.zero_grad(set_to_none=True)
+                    losses.update({k: torch.as_tensor(v) for k, v in d_logs.items()})
+                elif disc is not None:
                     d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
                     accelerator.backward(d_loss)
                     disc_opt.step()
@@ -287,7 +412,7 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
                 now = time.time()
                 ips = (state["images"] - last_log_images) / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_images = now, state["images"]
-                values = {k: float(v.detach()) for k, v in losses.items()}
+                values = mean_over_ranks(accelerator, {k: float(v.detach()) for k, v in losses.items()})
                 values.update(lr=lr, images_per_s=ips, mean_kept_tokens=float(out.lengths.float().mean()))
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
@@ -296,12 +421,16 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
                 if tc.time_budget_s:
                     postfix["left"] = f"{max(0.0, tc.time_budget_s - elapsed):.0f}s"
                 bar.set_postfix(postfix)
-            if is_main and tc.sample_every and step % tc.sample_every == 0 and sample_images is not None:
+            if tc.sample_every and step % tc.sample_every == 0 and sample_images is not None:
                 from .visualize import reconstruction_grid
 
-                reconstruction_grid(raw_model, sample_images, default_lengths(model_config.num_latent_tokens),
-                                    out_dir / "samples" / f"step-{step:08d}.png")
+                grid_model = materialize(accelerator, model)   # a collective under ZeRO-3
+                if is_main:
+                    reconstruction_grid(grid_model, sample_images, default_lengths(model_config.num_latent_tokens),
+                                        out_dir / "samples" / f"step-{step:08d}.png")
+                del grid_model
                 model.train()
+                accelerator.wait_for_everyone()
             if tc.save_every and step % tc.save_every == 0:
                 save(step)
             if step >= tc.max_steps or (tc.time_budget_s and elapsed >= tc.time_budget_s):
@@ -317,14 +446,14 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
     final_ckpt = save(state["step"])
     summary = {"steps": state["step"], "wall_s": state["elapsed_s"],
                "images_per_s": state["images"] / max(state["elapsed_s"], 1e-9),
-               "num_parameters": raw_model.num_parameters(only_trainable=True),
+               "num_parameters": num_trainable,
                "skipped_images": state["skipped_images"] + int(getattr(data, "num_skipped", 0)),
                "checkpoint": str(final_ckpt) if final_ckpt else None}
+    export_model = None
+    if tc.export:
+        export_model = ema.shadow if ema is not None else final_model(accelerator, model, final_ckpt)   # collective
     if tc.export and is_main:
         export_dir = out_dir / "model"
-        export_model = raw_model
-        if ema is not None:
-            export_model = ema.shadow
         export_model.save_pretrained(export_dir)
         build_image_processor(model_config, cfg.data, train=False).save_pretrained(export_dir)
         summary["model_dir"] = str(export_dir)

@@ -1,0 +1,295 @@
+"""Per-rank memory of parameters + gradients + optimizer state without ZeRO, with ZeRO-2 and ZeRO-3.
+
+    python benchmarks/zero_memory.py --out benchmarks/results/zero_memory.json
+    python benchmarks/zero_memory.py --models adatok-s --precision fp32 --out /tmp/zm.json
+
+Launches one 2-process job (``torchrun``, gloo on CPU, NCCL on GPUs) that trains two steps of each
+model in each mode, with the same AdamW the trainers use:
+
+* ``adatok-s``: the AdaTok preset (ViT encoder/decoder, VA-VAE latent space randomly initialised:
+  nothing is downloaded), one 256x256 image per rank;
+* ``lm-135m``: a causal LM with SmolLM2-135M's shape (``LlamaConfig``, random init), 32 tokens per rank.
+
+Modes: ``none`` (plain DDP through Accelerate: every rank holds everything), ``zero2`` and ``zero3``
+(``configs/deepspeed/zero2.json`` / ``zero3.json`` through the same ``make_accelerator`` the trainers
+use). Memory is *measured*, not estimated: just before and just after the inner optimizer's
+``step`` (when gradients, parameters and optimizer state are all alive) each rank walks the
+module's parameters (their ZeRO-3 shards), their ``.grad`` and every tensor reachable from the
+optimizer wrapper (DeepSpeed's flat fp32 partitions, gradient partitions, Adam moments), counting
+each storage once. Activations and communication buckets held only in C++ (DDP's reducer) are not
+counted. The peak over both steps, the larger of the two ranks, is reported.
+
+``--precision bf16`` (the default; what the GPU configs run with ``bf16: auto``) keeps DeepSpeed's
+weights in bf16 with fp32 master partitions; the DDP baseline runs fp32 weights under autocast, as
+Accelerate does. Writes FILE.json and FILE.md (a markdown table) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("none", "zero2", "zero3")
+MODELS = ("adatok-s", "lm-135m")
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def build_model(name: str):
+    """``(model, make_batch, loss_fn)`` for a named benchmark model, randomly initialised."""
+    import torch
+
+    if name == "adatok-s":
+        from adatok_vlm import AdaTokConfig, AdaTokModel
+
+        model = AdaTokModel(AdaTokConfig.from_preset("adatok-s", vae_random_init=True))
+        size = model.config.image_size
+        return model, lambda: torch.rand(1, 3, size, size), lambda m, x: m(x, return_reconstruction=False).loss
+    if name == "lm-135m":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                             tie_word_embeddings=True, rms_norm_eps=1e-5)
+        model = LlamaForCausalLM(config)
+        ids = lambda: torch.randint(0, config.vocab_size, (1, 32))   # noqa: E731
+        return model, ids, lambda m, x: m(input_ids=x, labels=x).loss
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# counting tensors
+# ---------------------------------------------------------------------------------------------
+def _storage(t):
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def model_bytes(module) -> dict[str, int]:
+    """Bytes of the parameters (their local shard under ZeRO-3) and their ``.grad``, per storage."""
+    params, grads = {}, {}
+    for p in module.parameters():
+        shard = getattr(p, "ds_tensor", None)
+        for t in (p, shard):
+            if t is not None and t.numel():
+                key, n = _storage(t)
+                params[key] = n
+        if p.grad is not None and p.grad.numel():
+            key, n = _storage(p.grad)
+            grads[key] = n
+    return {"params": params, "grads": grads}
+
+
+def reachable_tensors(root, skip: set[int], max_depth: int = 8) -> dict[int, int]:
+    """Every tensor storage reachable from ``root`` through attributes, containers and optimizer
+    states, not descending into modules (their parameters are counted by ``model_bytes``)."""
+    import torch
+
+    found, seen = {}, set()
+
+    def visit(obj, depth):
+        if depth > max_depth or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.numel():
+                key, n = _storage(obj)
+                if key not in skip:
+                    found[key] = n
+            if obj.grad is not None:
+                visit(obj.grad, depth + 1)
+            return
+        if isinstance(obj, torch.nn.Module):
+            return
+        if isinstance(obj, dict):
+            for v in obj.values():
+                visit(v, depth + 1)
+        elif isinstance(obj, (list, tuple, set)):
+            for v in obj:
+                visit(v, depth + 1)
+        elif isinstance(obj, torch.optim.Optimizer):
+            visit(obj.state, depth + 1)
+            visit(obj.param_groups, depth + 1)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("deepspeed", "accelerate", "torch"):
+            visit(vars(obj), depth + 1)
+
+    visit(root, 0)
+    return found
+
+
+def measure(module, optimizer) -> dict[str, int]:
+    m = model_bytes(module)
+    skip = set(m["params"]) | set(m["grads"])
+    opt = reachable_tensors(optimizer, skip)
+    out = {"params": sum(m["params"].values()), "grads": sum(m["grads"].values()), "optimizer": sum(opt.values())}
+    out["total"] = out["params"] + out["grads"] + out["optimizer"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the launched worker
+# ---------------------------------------------------------------------------------------------
+def inner_optimizer(optimizer):
+    """The torch optimizer that finally steps (inside Accelerate's and DeepSpeed's wrappers)."""
+    inner = optimizer
+    while getattr(inner, "optimizer", None) is not None:
+        inner = inner.optimizer
+    return inner
+
+
+def run_one(model_name: str, mode: str, precision: str, steps: int = 2) -> dict:
+    import torch
+
+    from adatok_vlm.training.distributed import build_deepspeed_plugin
+    from adatok_vlm.training.launch import make_accelerator, reset_accelerator_state
+
+    reset_accelerator_state()
+    plugin = None if mode == "none" else build_deepspeed_plugin(mode, micro_batch_size=1, grad_clip=1.0)
+    accelerator = make_accelerator(precision, deepspeed_plugin=plugin)
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = build_model(model_name)
+    num_params = sum(p.numel() for p in model.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    root = model.module if hasattr(model, "module") else model
+    samples = []
+    inner = inner_optimizer(optimizer)
+    original_step = inner.step
+
+    def measured_step(*args, **kwargs):
+        samples.append(measure(root, optimizer))
+        result = original_step(*args, **kwargs)
+        samples.append(measure(root, optimizer))
+        return result
+
+    inner.step = measured_step
+    model.train()
+    started = time.time()
+    torch.manual_seed(1 + accelerator.process_index)
+    for _ in range(steps):
+        loss = loss_fn(model, make_batch().to(accelerator.device))
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    inner.step = original_step
+    peak = max(samples, key=lambda s: s["total"])
+    record = {"model": model_name, "mode": mode, "precision": precision, "rank": accelerator.process_index,
+              "world_size": accelerator.num_processes, "num_parameters": num_params, "num_trainable": num_trainable,
+              "peak": peak, "samples": len(samples), "wall_s": time.time() - started}
+    accelerator.free_memory()
+    return record
+
+
+def worker(plan_path: str) -> None:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)       # torch.distributed API renames
+    warnings.filterwarnings("ignore", message="Grad strides do not match")   # DDP on the baseline
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    plan = json.loads(Path(plan_path).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    for item in plan["runs"]:
+        record = run_one(item["model"], item["mode"], plan["precision"])
+        with open(f"{plan_path}.rank{rank}", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            print(f"[zero_memory] {item['model']} {item['mode']}: {record['peak']['total'] / 2**20:.0f} MiB "
+                  f"({record['wall_s']:.0f}s)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+def summarise(records: list[dict]) -> dict:
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in records):
+        per_mode = {}
+        for mode in MODES:
+            ranks = [r for r in records if r["model"] == model and r["mode"] == mode]
+            if ranks:
+                per_mode[mode] = max(ranks, key=lambda r: r["peak"]["total"])
+        base = per_mode.get("none")
+        for mode, r in per_mode.items():
+            precision = "fp32" if r["precision"] == "no" else r["precision"]
+            rows.append({"model": model, "mode": mode, "precision": precision, "world_size": r["world_size"],
+                         "num_parameters": r["num_parameters"], "num_trainable": r["num_trainable"],
+                         **{f"{k}_bytes": v for k, v in r["peak"].items()},
+                         "ratio_to_unsharded": r["peak"]["total"] / base["peak"]["total"] if base else None})
+    checks = {f"{r['model']}: zero3 <= 0.6 x unsharded": r["ratio_to_unsharded"] <= 0.6
+              for r in rows if r["mode"] == "zero3" and r["ratio_to_unsharded"] is not None}
+    return {"rows": rows, "checks": checks}
+
+
+def markdown_table(result: dict) -> str:
+    mib = lambda b: f"{b / 2**20:,.0f}"   # noqa: E731
+    lines = ["| model | params (trainable) | mode | precision | weights MiB | .grad MiB | optimizer side MiB "
+             "| total MiB / rank | vs. unsharded |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        ratio = f"{r['ratio_to_unsharded']:.2f}x" if r["ratio_to_unsharded"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['num_parameters'] / 1e6:.1f}M ({r['num_trainable'] / 1e6:.1f}M) | "
+                     f"{r['mode']} | {r['precision']} | "
+                     f"{mib(r['params_bytes'])} | {mib(r['grads_bytes'])} | {mib(r['optimizer_bytes'])} | "
+                     f"{mib(r['total_bytes'])} | {ratio} |")
+    world = result["rows"][0]["world_size"] if result["rows"] else 2
+    lines.append("")
+    lines.append(f"Per-rank peak over two AdamW steps, {world} ranks; largest rank shown. *weights*: the module's "
+                 "parameters (their local shard under ZeRO-3); *.grad*: gradients left on the parameters (DDP); "
+                 "*optimizer side*: every tensor the optimizer wrapper holds (Adam moments, and under ZeRO the "
+                 "fp32 master and gradient partitions). Under bf16 the DeepSpeed engines hold bf16 weights with "
+                 "fp32 master partitions while the DDP baseline keeps fp32 weights under bf16 autocast (Accelerate's "
+                 "mixed precision).")
+    lines.append("")
+    lines.append("Checks: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in result["checks"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/zero_memory.json")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan_path = out.with_suffix(".plan.json")
+    for old in out.parent.glob(plan_path.name + ".rank*"):
+        old.unlink()
+    runs = [{"model": m, "mode": mode} for m in args.models.split(",") for mode in args.modes.split(",")]
+    plan_path.write_text(json.dumps({"runs": runs, "precision": "bf16" if args.precision == "bf16" else "no"}))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "adatok-vlm" / "torch_extensions"))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+                    __file__, "--worker", str(plan_path)], check=True, env=env)
+    records = [json.loads(line) for f in sorted(out.parent.glob(plan_path.name + ".rank*"))
+               for line in f.read_text().splitlines()]
+    result = summarise(records)
+    result["command"] = "python benchmarks/zero_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["precision"] = args.precision
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown_table(result))
+    for f in [plan_path, *out.parent.glob(plan_path.name + ".rank*")]:
+        f.unlink()
+    print(markdown_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
