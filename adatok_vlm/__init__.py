@@ -14,6 +14,7 @@ from .configuration_vlm import AdaTokVLMConfig
 from .modeling_vlm import AdaTokVLMForCausalLM
 from .modeling_vlm import register as _register_vlm
 from .processing_vlm import AdaTokVLMProcessor
+from .vlm_data import VLMCollator
 from .tokenizer import AdaTokConfig, AdaTokEncoding, AdaTokModel
 
 __version__ = "0.1.0"
@@ -39,5 +40,5 @@ _register()
 __all__ = [
     "AdaTokConfig", "AdaTokEncoding", "AdaTokModel", "AdaTokImageProcessor",
     "AdaTokDiTConfig", "AdaTokDiT", "ClassToImagePipeline",
-    "AdaTokVLMConfig", "AdaTokVLMForCausalLM", "AdaTokVLMProcessor", "__version__",
+    "AdaTokVLMConfig", "AdaTokVLMForCausalLM", "AdaTokVLMProcessor", "VLMCollator", "__version__",
 ]

@@ -5,7 +5,13 @@
     adatok train-policy --tokenizer DIR [overrides]
     adatok ablation --model DIR --out FILE.json
     adatok evaluate --model DIR --data SPEC --split test --lengths 1,2,4,auto --metrics rmse,psnr,ssim --out DIR
+    adatok extract-tokens --tokenizer DIR --data fashion_mnist --out DIR [--num-tokens auto]
+    adatok train-dit --config configs/dit/dit-tiny.yaml --data.tokens DIR [overrides]
     adatok sample-c2i --dit DIR --tokenizer DIR --classes all --per-class 8 --out DIR
+    adatok sample-c2i --generator ar --model VLM_DIR --classes all --per-class 8 --out DIR
+    adatok train-vlm --config configs/vlm/tiny.yaml [overrides]
+    adatok sample-t2i --model VLM_DIR --prompt "a sneaker" --num-images 8 --out DIR
+    adatok export --checkpoint OUTPUT_DIR/checkpoints/step-N --out DIR   (consolidate a ZeRO checkpoint)
 
 Each verb forwards its remaining arguments to the module that implements it.
 """
@@ -33,8 +39,68 @@ def _train_policy(argv):
     return main(argv)
 
 
+def _option(argv, name, default):
+    """The value of ``name`` in ``argv`` (``--name V`` or ``--name=V``), else ``default``."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def _drop_option(argv, name):
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def _extract_tokens(argv):
+    from .training.extract_tokens import main
+
+    return main(argv)
+
+
+def _train_dit(argv):
+    from .training.train_dit import main
+
+    return main(argv)
+
+
+def _train_vlm(argv):
+    from .training.train_vlm import main
+
+    return main(argv)
+
+
+def _export(argv):
+    from .training.export import main
+
+    return main(argv)
+
+
 def _sample_c2i(argv):
+    """``--generator ar`` samples with an autoregressive VLM; otherwise (``dit``, the default) with a DiT."""
+    if _option(argv, "--generator", "dit") == "ar":
+        from .sample_t2i import c2i_main
+
+        return c2i_main(argv)
+    generator = _option(argv, "--generator", "dit")
+    if generator != "dit":
+        raise SystemExit(f"adatok sample-c2i: --generator must be 'dit' or 'ar', not {generator!r}")
     from .generator.sample_c2i import main
+
+    return main(_drop_option(argv, "--generator"))
+
+
+def _sample_t2i(argv):
+    from .sample_t2i import main
 
     return main(argv)
 
@@ -57,7 +123,8 @@ def _ablation(argv):
 
 
 VERBS = {"demo": _demo, "train-tokenizer": _train_tokenizer, "train-policy": _train_policy, "ablation": _ablation,
-         "sample-c2i": _sample_c2i, "evaluate": _evaluate}
+         "extract-tokens": _extract_tokens, "train-dit": _train_dit, "sample-c2i": _sample_c2i,
+         "train-vlm": _train_vlm, "sample-t2i": _sample_t2i, "export": _export, "evaluate": _evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

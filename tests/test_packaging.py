@@ -58,3 +58,22 @@ def test_installed_wheel_imports_from_outside_the_repo(wheel, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     files = result.stdout.split()
     assert len(files) == 3 and all(f.startswith(str(target)) for f in files), files
+
+
+def test_cli_lists_every_verb_and_each_verb_resolves(capsys):
+    """``adatok --help`` names every verb, and each verb's ``--help`` reaches its own argument parser
+    (an import error or a miswired verb fails here, not in a user's shell)."""
+    from adatok_vlm.cli import VERBS, main
+
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    for verb in VERBS:
+        assert verb in listed
+    for verb in sorted(set(VERBS) - {"ablation", "demo"}):
+        with pytest.raises(SystemExit) as exc:
+            main([verb, "--help"])
+        assert exc.value.code == 0, verb
+        assert "usage" in capsys.readouterr().out.lower(), verb
+    assert main(["no-such-verb"]) == 2
+    with pytest.raises(SystemExit, match="--generator"):
+        main(["sample-c2i", "--generator", "gan", "--dit", "x"])

@@ -521,3 +521,130 @@ def test_bad_arguments_get_clear_errors():
         AdaTokVLMForCausalLM.from_text_model(vlm.language_model, object(), tok)
     with pytest.raises(ValueError, match="image_mode"):
         AdaTokVLMConfig(tokenizer_config=tiny_adatok().config, image_mode="pixels")
+
+
+# ============================================================================================
+# synced_gpus: a finished rank keeps stepping until every rank is done
+# ============================================================================================
+class FakePeers:
+    """Stands in for ``torch.distributed`` inside generation_vlm: one other rank that is still generating for
+    ``peer_steps`` stop checks, and whose step budget is ``peer_limit``."""
+
+    class ReduceOp:
+        SUM, MAX = "sum", "max"
+
+    def __init__(self, peer_steps: int, peer_limit: int = 0):
+        self.peer_steps, self.peer_limit, self.sum_calls = peer_steps, peer_limit, 0
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def all_reduce(self, t, op):
+        if op == self.ReduceOp.MAX:
+            t.fill_(max(int(t), self.peer_limit))
+            return
+        self.sum_calls += 1
+        t.add_(1.0 if self.sum_calls <= self.peer_steps else 0.0)
+
+
+def test_synced_gpus_in_one_process_is_identical(tmp_path):
+    import torch.distributed as dist
+
+    vlm, tok = tiny_vlm("llama")
+    p = prompts(tok, ["n=3", "draw a red cat", "a"])
+    stop = [StopAt(vlm, torch.tensor([2, 5, 3]))]
+    plain = vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=stop, seed=0)
+    synced = vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=stop, seed=0, synced_gpus=True)
+    assert torch.equal(plain.lengths, synced.lengths) and torch.equal(plain.tokens, synced.tokens)
+    # A real (gloo) process group of world size 1: the all_reduce runs and changes nothing.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        grouped = vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=stop, seed=0, synced_gpus=True)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(plain.lengths, grouped.lengths) and torch.equal(plain.tokens, grouped.tokens)
+
+
+def test_synced_gpus_finished_rank_runs_dummy_steps_until_peers_finish(monkeypatch):
+    import adatok_vlm.generation_vlm as generation_vlm
+
+    vlm, tok = tiny_vlm("llama")
+    p = prompts(tok, ["n=3", "a cat"])
+    stop = [StopAt(vlm, torch.tensor([2, 3]))]
+    calls = []
+    sample = vlm.image_head.sample
+    monkeypatch.setattr(vlm.image_head, "sample", lambda *a, **kw: calls.append(1) or sample(*a, **kw))
+    alone = vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=stop, seed=0)
+    assert alone.lengths.tolist() == [2, 3] and len(calls) == 3
+    calls.clear()
+    peers = FakePeers(peer_steps=7)  # the other rank closes its images only at its 8th stop check
+    monkeypatch.setattr(generation_vlm, "dist", peers)
+    synced = vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=stop, seed=0, synced_gpus=True)
+    assert peers.sum_calls == 8       # one agreement per step, until the peer is done too
+    assert len(calls) == 8            # this rank kept sampling (dummy steps) while the peer worked
+    assert synced.lengths.tolist() == [2, 3]
+    assert torch.allclose(synced.tokens, alone.tokens)  # dummy steps write nothing
+    # Without synced_gpus nobody asks the peers.
+    peers.sum_calls = 0
+    vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=stop, seed=0)
+    assert peers.sum_calls == 0
+
+
+def test_synced_gpus_takes_the_longest_step_budget_of_the_ranks(monkeypatch):
+    import adatok_vlm.generation_vlm as generation_vlm
+
+    vlm, tok = tiny_vlm("llama")
+    p = prompts(tok, ["n=3"])
+    lazy = [StopAt(vlm, torch.tensor([99]))]  # never stops on its own: the bound ends it
+    peers = FakePeers(peer_steps=100, peer_limit=6)  # the peer may write 6 tokens, this rank 3
+    monkeypatch.setattr(generation_vlm, "dist", peers)
+    enc = vlm.generate_images(p.input_ids, max_image_tokens=3, logits_processor=lazy, seed=0, synced_gpus=True)
+    assert enc.lengths.tolist() == [3]     # this rank's own bound still holds
+    assert peers.sum_calls == 5            # but it took the peer's 6 steps (5 stop checks after the first)
+
+
+def _synced_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of a real two-process (gloo) generation: rank 0 closes its image after 2 tokens, rank 1 after 6."""
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        vlm, tok = tiny_vlm("llama")
+        p = prompts(tok, ["n=3"])
+        calls = []
+        sample = vlm.image_head.sample
+        vlm.image_head.sample = lambda *a, **kw: calls.append(1) or sample(*a, **kw)
+        k = torch.tensor([2 if rank == 0 else 6])
+        enc = vlm.generate_images(p.input_ids, p.attention_mask, logits_processor=[StopAt(vlm, k)], seed=0,
+                                  synced_gpus=True)
+        dist.barrier()
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump({"lengths": enc.lengths.tolist(), "calls": len(calls)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_gpus_two_real_processes_finish_together(tmp_path):
+    """Two gloo ranks that stop at different lengths: both take the same number of steps and neither hangs."""
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_synced_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline, started = 120.0, time.time()
+    while not ctx.join(timeout=5):
+        if time.time() - started > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("a rank hung in synced generation")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["lengths"] for r in ranks] == [[2], [6]]
+    assert ranks[0]["calls"] == ranks[1]["calls"] == 6   # rank 0 kept stepping (dummy steps) until rank 1 was done

@@ -154,11 +154,39 @@ def fill_dataclass(cls, values: dict, where: str = "config"):
 def parse_config(cls, argv: list[str] | None = None, default_config: str | None = None):
     """Parse ``--config FILE`` plus overrides into dataclass ``cls``; returns ``(config, raw_dict)``."""
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(cls))
+        raise SystemExit(0)
     config_path, overrides = parse_overrides(argv)
     config_path = config_path or default_config
     raw = load_yaml(config_path) if config_path else {}
     raw = deep_merge(raw, overrides)
     return fill_dataclass(cls, raw), raw
+
+
+def config_help(cls) -> str:
+    """Usage text listing every ``--section.field`` of ``cls`` with its type and default."""
+    lines = ["usage: --config FILE.yaml [--section.field VALUE ...]   (values are YAML; short forms: "
+             + ", ".join(f"--{k}" for k in SHORT_FLAGS) + ")", ""]
+
+    def walk(klass, prefix: str) -> None:
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "(required)"
+            name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            lines.append(f"  {'--' + prefix + f.name:<34} {name:<16} {default!r}")
+
+    walk(cls, "")
+    return "\n".join(lines)
 
 
 def to_dict(config) -> dict:

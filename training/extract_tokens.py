@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..generator import LengthSampler, RunningTokenStats
 from ..generator.sample_c2i import model_fingerprint
 from .checkpointing import write_text_atomic
-from .config import deep_merge, fill_dataclass, load_yaml, parse_overrides
+from .config import config_help, deep_merge, fill_dataclass, load_yaml, parse_overrides
 from .engine import configure_threads
 from .launch import make_accelerator
 from .train_tokenizer import DataConfig, build_image_processor, load_split
@@ -391,6 +391,9 @@ def parse_args(argv: list[str] | None = None) -> TokenExtractionConfig:
     """``--config FILE`` + overrides. ``--output_dir`` / ``--seed`` (the project's short flags, which
     name the ``train`` section) land in ``extract``."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(TokenExtractionConfig))
+        raise SystemExit(0)
     config_path, overrides = parse_overrides(argv)
     raw = deep_merge(load_yaml(config_path) if config_path else {}, overrides)
     short = raw.pop("train", {})
