@@ -164,6 +164,12 @@ def runs(tmp_path_factory):
                                  extra=[*z3, "--train.grad_accum", "2", "--train.save_every", "0"])},
         {"name": "policy_bf16", "trainer": "train_policy",
          "argv": policy_flags(root / "stage1", root / "bf16" / "policy", extra=[*z3, *bf16])},
+        # a reward table measured in two uneven chunks (15 rows), gathered, then the exact objective
+        {"name": "policy_table", "trainer": "train_policy",
+         "argv": policy_flags(root / "stage1", root / "z3" / "policy_table",
+                              extra=[*z3, "--train.reward_table", "true", "--train.table_size", "15",
+                                     "--train.batch_size", "4", "--train.val_size", "6",
+                                     "--train.objective", "expected"])},
     ]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(REPO / "configs" / "accelerate" / "cpu_2proc_zero2.yaml"), "--main_process_port",
@@ -411,3 +417,24 @@ def test_one_process_without_a_launcher_runs_deepspeed(runs, tmp_path):
     assert "global batch 16 = 16 micro x 1 accumulation x 1 processes" in done.stdout
     assert "DeepSpeed ZeRO-2" in done.stdout
     assert (tmp_path / "checkpoints" / "step-00000002" / "model" / "config.json").is_file()
+
+
+def test_reward_table_measured_across_ranks_equals_one_process(runs):
+    """Two ranks each measure a chunk of the table and gather it: the rows are the single-process ones."""
+    from adatok_vlm.training.config import parse_config
+    from adatok_vlm.training.reward_table import measure_reward_table
+    from adatok_vlm.training.train_policy import PolicyTrainingConfig, _as_tokenizer_cfg
+    from adatok_vlm.training.train_tokenizer import build_train_data
+    from safetensors.torch import load_file
+
+    out = runs["root"] / "z3" / "policy_table"
+    saved = load_file(str(out / "reward_table" / "train.safetensors"))
+    assert saved["rl"].shape[0] == 15 and (out / "reward_table" / "val.safetensors").is_file()
+    assert "val_reward" in log_rows(out)[0]
+    model = transformers.AutoModel.from_pretrained(runs["root"] / "stage1").eval()
+    model.enable_policy()
+    cfg, _ = parse_config(PolicyTrainingConfig, policy_flags(runs["root"] / "stage1", out))
+    data, _ = build_train_data(_as_tokenizer_cfg(cfg), model.config)
+    table = measure_reward_table(model, [data.batch(list(range(15)))["pixel_values"]], model.length_grid)
+    assert torch.allclose(table.rl, saved["rl"], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(table.features, saved["features"], atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from adatok_vlm.training.config import fill_dataclass
+from adatok_vlm.training.config import fill_dataclass, parse_config
 from adatok_vlm.training.train_policy import PolicyTrainingConfig, main
 from adatok_vlm.training.train_policy import train as train_policy
 from adatok_vlm.training.train_tokenizer import TokenizerTrainingConfig
@@ -78,3 +78,85 @@ def test_auto_makes_no_decoder_call(stage1, tmp_path, monkeypatch):
     monkeypatch.setattr(model.decoder, "forward", forbidden)
     enc = model.encode(torch.rand(3, 3, 32, 32), num_tokens="auto")
     assert enc.lengths.shape == (3,)
+
+
+def test_reward_table_mode_trains_scores_held_out_and_reuses_its_table(stage1, tmp_path):
+    """``train.reward_table``: rl measured once at every length (equal to a direct decode), the exact
+    expected-reward objective, held-out scores beside Table 2's baselines, and the table reused on resume."""
+    from adatok_vlm.training.reward_table import RewardTable
+
+    args = ["--tokenizer", stage1, "--output_dir", str(tmp_path), "--train.batch_size", "16",
+            "--train.log_every", "2", "--train.save_every", "0", "--data.dataset", "natural_crops",
+            "--data.num_crops", "256", "--model.reward_kind", "structured", "--model.policy_dropout", "0.1",
+            "--train.reward_table", "true", "--train.table_size", "40", "--train.val_size", "24",
+            "--train.objective", "expected", "--train.lr_schedule", "constant"]
+    first = main(args + ["--max_steps", "6"])
+    assert first["reward_table_s"] > 0
+    files = sorted(p.name for p in (tmp_path / "reward_table").iterdir())
+    assert files == ["train.safetensors", "val.safetensors"]
+    model = transformers.AutoModel.from_pretrained(first["model_dir"]).eval()
+    assert model.config.policy_dropout == 0.1
+    grid = model.length_grid
+    table = RewardTable.load(tmp_path / "reward_table" / "train.safetensors", _meta(tmp_path / "reward_table"))
+    assert table.rl.shape == (40, grid.numel()) and table.features.shape == (40, 2 * model.config.hidden_size)
+    # row 0 of the table is image 0 of the training data: decode it directly at a few lengths
+    from adatok_vlm.training.train_policy import _as_tokenizer_cfg
+    from adatok_vlm.training.train_tokenizer import build_train_data
+
+    cfg, _ = parse_config(PolicyTrainingConfig, args)
+    data, _ = build_train_data(_as_tokenizer_cfg(cfg), model.config)
+    x = data.batch([0, 1])["pixel_values"]
+    with torch.no_grad():
+        tokens, hidden, _, _ = model.forward_encoder(x)
+        assert torch.allclose(model.policy_features(hidden), table.features[:2], atol=1e-5)
+        for k in (0, grid.numel() - 1):
+            L = int(grid[k])
+            recon = model.decode(tokens[:, :L], torch.full((2,), L))
+            assert torch.allclose((recon - x).pow(2).flatten(1).mean(1), table.rl[:2, k], rtol=1e-4, atol=1e-7)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    held_out = [r for r in rows if "val_reward" in r]
+    assert held_out and all(r["val_oracle_reward"] >= r["val_reward"] - 1e-6 for r in held_out)
+    assert all(r["val_oracle_reward"] >= r["val_best_fixed_reward"] - 1e-6 for r in held_out)
+    assert (tmp_path / "policy_val_reward.png").is_file()
+    resumed = main(args + ["--max_steps", "8", "--resume", "auto"])
+    assert resumed["steps"] == 8 and resumed["reward_table_s"] == 0.0   # read back, not measured again
+
+
+def _meta(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "train.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["meta"])
+
+
+def test_expected_objective_needs_a_table(stage1, tmp_path):
+    with pytest.raises(ValueError, match="reward_table"):
+        main(["--tokenizer", stage1, "--output_dir", str(tmp_path), "--max_steps", "1", "--data.dataset",
+              "natural_crops", "--data.num_crops", "32", "--train.objective", "expected"])
+
+
+@pytest.mark.parametrize("objective", ["reinforce", "expected"])
+def test_table_objectives_learn_a_per_image_length(objective):
+    """Two kinds of image: one is best at 2 tokens, the other at 7. Either objective must learn to
+    tell them apart from the features alone (a policy that cannot would pick one length for both)."""
+    from adatok_vlm.tokenizer.policy import TokenLengthPolicy, length_grid
+    from adatok_vlm.training.reward_table import table_policy_loss
+
+    torch.manual_seed(0)
+    grid = length_grid(1, 8)
+    policy = TokenLengthPolicy(6, grid, hidden_dim=32, num_layers=1)
+    kind = torch.randint(0, 2, (256,))
+    features = torch.randn(256, 6) * 0.1 + torch.nn.functional.one_hot(kind, 6).float() * 2
+    best = torch.where(kind == 0, 2, 7)
+    rewards = 1.0 - 0.3 * (grid[None, :] - best[:, None]).abs().float()   # [256, 8], peaked at `best`
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for step in range(300):
+        idx = torch.randint(0, 256, (64,))
+        loss, logs, drawn = table_policy_loss(policy, features[idx], rewards[idx], objective, 0.1, "baseline",
+                                              0.01 * (1 - step / 300))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    chosen = policy.mode(features)
+    assert (chosen == best).float().mean() > 0.95, chosen.tolist()[:16]
+    assert set(drawn) >= {"lengths", "reward", "baseline", "log_prob", "entropy"}

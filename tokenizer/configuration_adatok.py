@@ -67,6 +67,8 @@ class AdaTokConfig(PretrainedConfig):
         policy_min_tokens / policy_max_tokens / policy_step (`int`): the policy's length grid
             ``[L_min, L_min + step, ..., L_max]`` (``policy_max_tokens=None`` means ``m``).
         policy_hidden_size / policy_num_layers (`int`): the policy MLP.
+        policy_dropout (`float`): dropout inside the policy and quality-head MLPs while stage 2
+            trains (they see a few thousand images' features; dropout keeps them from memorising).
         reward_kind (`str`): ``"continuous"`` (eq. 6) or ``"structured"`` (eq. 7), used by stage 2
             and by ``num_tokens="oracle"``; reward_alpha / reward_beta / reward_gamma /
             reward_rl_base are the paper's alpha, beta, gamma and rl_base.
@@ -110,6 +112,7 @@ class AdaTokConfig(PretrainedConfig):
     policy_step: int = 1
     policy_hidden_size: int = 256
     policy_num_layers: int = 2
+    policy_dropout: float = 0.0
     reward_kind: str = "continuous"
     reward_alpha: float = 20.0
     reward_beta: float = 0.2
@@ -192,6 +195,8 @@ class AdaTokConfig(PretrainedConfig):
                 "AdaTokConfig needs 1 <= policy_min_tokens <= policy_max_tokens <= num_latent_tokens and "
                 f"policy_step >= 1, got {self.policy_min_tokens}, {self.policy_max_tokens}, {self.policy_step}"
             )
+        if not 0.0 <= float(self.policy_dropout) < 1.0:
+            raise ValueError(f"AdaTokConfig.policy_dropout must be in [0, 1), got {self.policy_dropout}")
         if self.reward_kind not in ("continuous", "structured"):
             raise ValueError(f"AdaTokConfig.reward_kind must be 'continuous' or 'structured', got {self.reward_kind!r}")
         if self.latent_grid_size % self.patch_size:

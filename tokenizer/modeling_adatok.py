@@ -304,8 +304,10 @@ class AdaTokModel(AdaTokPreTrainedModel):
         # their length grid with real values. They are small; their weights load right after.
         with torch.device("cpu"):
             grid = length_grid(c.policy_min_tokens, c.policy_max_tokens, c.policy_step)
-            self.policy = TokenLengthPolicy(feature_dim, grid, c.policy_hidden_size, c.policy_num_layers)
-            self.quality_head = QualityCurveHead(feature_dim, grid, c.policy_hidden_size, c.policy_num_layers)
+            self.policy = TokenLengthPolicy(feature_dim, grid, c.policy_hidden_size, c.policy_num_layers,
+                                            c.policy_dropout)
+            self.quality_head = QualityCurveHead(feature_dim, grid, c.policy_hidden_size, c.policy_num_layers,
+                                                 c.policy_dropout)
         # Both heads initialise themselves (a near-uniform policy, a plausible starting curve).
         for module in (*self.policy.modules(), *self.quality_head.modules()):
             module._is_hf_initialized = True

@@ -88,7 +88,7 @@ def lengths_to_indices(lengths: LengthsLike, grid: torch.Tensor, name: str = "le
             raise ValueError(f"{name} must be whole token counts, got {lengths.tolist()}")
     elif lengths.dtype == torch.bool or lengths.is_complex():
         raise TypeError(f"{name} must hold integer token counts, got dtype {lengths.dtype}")
-    lengths = lengths.long()
+    lengths = lengths.long().contiguous()
     idx = torch.searchsorted(grid, lengths).clamp_max(grid.numel() - 1)
     on_grid = grid[idx] == lengths
     if not bool(on_grid.all()):

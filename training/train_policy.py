@@ -1,7 +1,7 @@
 """Stage 2: train the Adaptive Token Allocation policy with REINFORCE (paper Sec. 4.2, eq. 6-9).
 
     python -m adatok_vlm.training.train_policy --config configs/policy/adatok-tiny.yaml \
-        --tokenizer outputs/demo/model --output_dir outputs/policy --max_steps 600
+        --tokenizer outputs/demo/model --output_dir outputs/policy
 
 The stage-1 tokenizer is frozen. Per batch: one encoder pass gives the policy's features; a length
 ``L ~ pi(L | f)`` is sampled per image; the reconstruction from ``L`` tokens gives the reward
@@ -9,6 +9,12 @@ The stage-1 tokenizer is frozen. Per batch: one encoder pass gives the policy's 
 the baseline ``R(L_mean)``; the advantage is eq. 8 and the loss eq. 9 with a decaying entropy bonus.
 The same run fits the quality head (rl(L) curves) on the losses it measured, for the quality/budget
 dial. The exported model answers ``encode(x, num_tokens="auto")``.
+
+With ``train.reward_table true`` the decodes happen once, up front: every image's loss at every
+allowed length is measured and cached, and each step looks its rewards up (see ``reward_table``);
+``train.objective expected`` then follows the exact gradient of the expected reward, and
+``train.val_size`` scores the policy on held-out images against the best fixed length, the binary
+search and the oracle at every log step (``policy_val_reward.png``).
 
 Under DeepSpeed (``--train.deepspeed zero2``/``zero3`` or a DeepSpeed ``accelerate launch``) only
 the trainable heads (policy + quality head) form the engine; the frozen tokenizer stays a plain
@@ -19,6 +25,7 @@ averaged over ranks; the export consolidates the heads (a collective) and rank 0
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -29,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tokenizer import AdaTokModel
+from ..tokenizer.policy import lengths_to_indices
 from ..tokenizer.rewards import entropy_weight, reinforce_loss, relative_advantage
 from .batches import PreloadedImages, ResumableBatchSampler
 from .checkpointing import CheckpointManager
@@ -38,10 +46,13 @@ from .distributed import (assert_replicas_match, describe_batch, fill_bucket_siz
                           uses_deepspeed, zero_stage)
 from .engine import NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
 from .launch import make_accelerator
+from .reward_table import OBJECTIVES, measure_shared, score_on_table, table_policy_loss, table_rewards
 from .train_tokenizer import DataConfig, build_image_processor, build_train_data
 
+HISTORY_KEYS = ("reward", "entropy", "log_prob", "length_mean", "val_reward", "val_best_fixed_reward",
+                "val_search_reward", "val_oracle_reward")
 POLICY_FIELDS = ("policy_min_tokens", "policy_max_tokens", "policy_step", "policy_hidden_size", "policy_num_layers",
-                 "reward_kind", "reward_alpha", "reward_beta", "reward_gamma", "reward_rl_base", "search_threshold")
+                 "policy_dropout", "reward_kind", "reward_alpha", "reward_beta", "reward_gamma", "reward_rl_base", "search_threshold")
 
 
 @dataclass
@@ -63,7 +74,11 @@ class PolicyTrainConfig:
     entropy_end: float = 0.0
     entropy_schedule: str = "linear"         # linear | cosine | exponential | constant
     curve_weight: float = 1.0                # weight of the quality-head regression (the dial)
-    curve_extra_lengths: int = 1             # extra random lengths decoded per image for the curve fit
+    curve_extra_lengths: int = 1             # extra random lengths decoded per image for the curve fit (online)
+    reward_table: bool = False               # measure rl at every grid length once, then train on look-ups
+    table_size: int | None = None            # training images in the table (None: all of data.limit)
+    objective: str = "reinforce"             # reinforce (eq. 8/9) | expected (exact gradient; table only)
+    val_size: int = 0                        # held-out images scored every log step (table mode)
     mixed_precision: str = "auto"
     num_threads: int | None = None
     log_every: int = 10
@@ -117,9 +132,19 @@ def train(cfg: PolicyTrainingConfig) -> dict:
     m = model.num_latent_tokens
     spec = model.reward_spec()
 
+    if tc.objective not in OBJECTIVES:
+        raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {tc.objective!r}")
+    if tc.objective == "expected" and not tc.reward_table:
+        raise ValueError("train.objective 'expected' sums the reward over every length: it needs "
+                         "train.reward_table true")
     data, collate = build_train_data(_as_tokenizer_cfg(cfg), model.config)
-    sampler = ResumableBatchSampler(len(data), tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
-                                    world_size=accelerator.num_processes)
+    table, val_table, table_s = (_reward_tables(cfg, model, data, collate, accelerator) if tc.reward_table
+                                 else (None, None, 0.0))
+    if table is not None:
+        train_rewards = table_rewards(spec, table, grid, m)
+        val_rewards = table_rewards(spec, val_table, grid, m) if val_table is not None else None
+    sampler = ResumableBatchSampler(len(table) if table is not None else len(data), tc.batch_size, seed=tc.seed,
+                                    rank=accelerator.process_index, world_size=accelerator.num_processes)
     heads = torch.nn.ModuleDict({"policy": policy, "quality_head": curve_head})
     params = [p for p in heads.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in params)
@@ -148,8 +173,13 @@ def train(cfg: PolicyTrainingConfig) -> dict:
     sampler.set_position(state["epoch"], state["batch"])
     logger = RunLogger(out_dir, enabled=is_main)
     if is_main:
+        objective = f"{tc.advantage} advantage (mu={tc.mu})" if tc.objective == "reinforce" else "exact expected reward"
+        source = "online decodes"
+        if table is not None:
+            source = (f"reward table of {len(table)} images x {grid.numel()} lengths "
+                      + (f"(measured in {table_s:.0f} s)" if table_s else "(from disk)"))
         print(f"AdaTok stage 2 (ATA): lengths {int(grid[0])}..{int(grid[-1])} ({grid.numel()} choices), "
-              f"{spec.kind} reward, {tc.advantage} advantage (mu={tc.mu}), "
+              f"{spec.kind} reward, {objective}, {source}, "
               f"{describe_batch(tc.batch_size, 1, accelerator.num_processes)}, {num_trainable / 1e3:.1f}K trainable"
               + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
 
@@ -158,41 +188,38 @@ def train(cfg: PolicyTrainingConfig) -> dict:
     done = False
     heads.train()
     while not done:
-        iterator = (data.batch(ix) for ix in sampler) if isinstance(data, PreloadedImages) else \
-            torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+        if table is not None:
+            iterator = iter(sampler)
+        elif isinstance(data, PreloadedImages):
+            iterator = (data.batch(ix) for ix in sampler)
+        else:
+            iterator = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate)
         for batch in iterator:
             step = state["step"]
-            x = batch["pixel_values"].to(accelerator.device)
             elapsed = time.time() - started
             progress = step / max(1, tc.max_steps)
             if tc.time_budget_s:
                 progress = max(progress, elapsed / tc.time_budget_s)
             lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
-            with torch.no_grad():
-                tokens, hidden, _, _ = model.forward_encoder(x)
-                features = model.policy_features(hidden)
-            with half_precision_autocast(accelerator):   # heads in bf16 under a DeepSpeed bf16 engine
-                lengths, log_prob, entropy = policy.sample(features)
-                mean_lengths = policy.rounded_expected_length(features)
-            with torch.no_grad():
-                rl = _mse(model.decode(tokens[:, : int(lengths.max())], lengths), x)
-                rl_mean = _mse(model.decode(tokens[:, : int(mean_lengths.max())], mean_lengths), x)
-                measured_l, measured_rl = [lengths, mean_lengths], [rl, rl_mean]
-                for _ in range(tc.curve_extra_lengths):
-                    extra = grid[torch.randint(0, grid.numel(), (x.shape[0],), device=grid.device)]
-                    measured_l.append(extra)
-                    measured_rl.append(_mse(model.decode(tokens[:, : int(extra.max())], extra), x))
-            reward = spec(rl, lengths, m)
-            baseline = spec(rl_mean, mean_lengths, m)
-            advantage = relative_advantage(reward, baseline, tc.mu, tc.advantage)
             lam = entropy_weight(step, tc.max_steps, tc.entropy_start, tc.entropy_end, tc.entropy_schedule)
-            pg_loss, pg_logs = reinforce_loss(log_prob, advantage, entropy, lam)
-            with half_precision_autocast(accelerator):
-                curve_loss = curve_head.curve_loss(features, torch.stack(measured_l, 1), torch.stack(measured_rl, 1))
+            if table is not None:
+                rows = torch.as_tensor(batch)
+                features = table.features[rows].to(accelerator.device)
+                measured_rl = table.rl[rows].to(accelerator.device)
+                with half_precision_autocast(accelerator):
+                    pg_loss, pg_logs, drawn = table_policy_loss(policy, features, train_rewards[rows].to(features.device),
+                                                                tc.objective, tc.mu, tc.advantage, lam)
+                    curve_loss = curve_head.curve_loss(features, grid.expand(rows.numel(), -1), measured_rl)
+                lengths, log_prob, entropy = drawn["lengths"], drawn["log_prob"], drawn["entropy"]
+                reward, baseline = drawn["reward"], drawn["baseline"]
+                rl = measured_rl.gather(1, lengths_to_indices(lengths, grid)[:, None]).squeeze(1)
+            else:
+                x = batch["pixel_values"].to(accelerator.device)
+                pg_loss, pg_logs, curve_loss, lengths, log_prob, entropy, reward, baseline, rl = _online_step(
+                    model, policy, curve_head, x, spec, m, tc, lam, accelerator)
             loss = pg_loss + tc.curve_weight * curve_loss
-            checks = {"loss": loss, "reward": reward.mean(), "advantage": advantage.mean(),
-                      "log_prob": log_prob.mean(), "curve_loss": curve_loss}
+            checks = {"loss": loss, "reward": reward.mean(), "log_prob": log_prob.mean(), "curve_loss": curve_loss}
             bad = non_finite_anywhere(accelerator, check_finite(checks))
             if bad is not None:
                 path = ckpt.save(step, state)
@@ -213,9 +240,14 @@ def train(cfg: PolicyTrainingConfig) -> dict:
                       "length_mean": float(lengths.float().mean()), "length_std": float(lengths.float().std()),
                       "rl": float(rl.mean()), "curve_loss": float(curve_loss.detach()), "lr": lr}
             record = mean_over_ranks(accelerator, record)   # the global batch's values (a collective)
-            state["history"].append({k: record[k] for k in ("reward", "entropy", "log_prob", "length_mean")} | {"step": step})
+            logging = step % tc.log_every == 0 or step == 1
+            if logging and val_table is not None:          # every rank: a policy forward (collective under ZeRO-3)
+                heads.eval()
+                record.update(score_on_table(policy, val_table, val_rewards, model.config.search_threshold))
+                heads.train()
+            state["history"].append({k: v for k, v in record.items() if k in HISTORY_KEYS} | {"step": step})
             _warn_on_collapse(state["history"], tc.max_steps, is_main)
-            if step % tc.log_every == 0 or step == 1:
+            if logging:
                 logger.log(step, record | pg_logs)
                 bar.set_postfix(reward=f"{record['reward']:.3f}", L=f"{record['length_mean']:.1f}",
                                 H=f"{record['entropy']:.2f}")
@@ -230,7 +262,8 @@ def train(cfg: PolicyTrainingConfig) -> dict:
             sampler.set_position(state["epoch"], 0)
     bar.close()
     final = ckpt.save(state["step"], state)
-    summary = {"steps": state["step"], "wall_s": state["elapsed_s"], "checkpoint": str(final) if final else None}
+    summary = {"steps": state["step"], "wall_s": state["elapsed_s"], "checkpoint": str(final) if final else None,
+               "reward_table_s": table_s}
     # The heads' whole weights: the fp32 master copies of a half-precision engine (from the final
     # checkpoint, on the main process), else the live ones (gathered: a collective under ZeRO-3).
     export_model, heads_state = None, None
@@ -255,6 +288,69 @@ def train(cfg: PolicyTrainingConfig) -> dict:
     accelerator.wait_for_everyone()
     logger.close()
     return summary
+
+
+def _online_step(model, policy, curve_head, x, spec, m, tc, lam, accelerator):
+    """The paper's step: sample L per image, decode at L and at the rounded mean length (the
+    baseline of eq. 8), plus ``curve_extra_lengths`` random lengths for the quality head."""
+    grid = policy.grid
+    with torch.no_grad():
+        tokens, hidden, _, _ = model.forward_encoder(x)
+        features = model.policy_features(hidden)
+    with half_precision_autocast(accelerator):   # heads in bf16 under a DeepSpeed bf16 engine
+        lengths, log_prob, entropy = policy.sample(features)
+        mean_lengths = policy.rounded_expected_length(features)
+    with torch.no_grad():
+        rl = _mse(model.decode(tokens[:, : int(lengths.max())], lengths), x)
+        rl_mean = _mse(model.decode(tokens[:, : int(mean_lengths.max())], mean_lengths), x)
+        measured_l, measured_rl = [lengths, mean_lengths], [rl, rl_mean]
+        for _ in range(tc.curve_extra_lengths):
+            extra = grid[torch.randint(0, grid.numel(), (x.shape[0],), device=grid.device)]
+            measured_l.append(extra)
+            measured_rl.append(_mse(model.decode(tokens[:, : int(extra.max())], extra), x))
+    reward = spec(rl, lengths, m)
+    baseline = spec(rl_mean, mean_lengths, m)
+    advantage = relative_advantage(reward, baseline, tc.mu, tc.advantage)
+    pg_loss, pg_logs = reinforce_loss(log_prob, advantage, entropy, lam)
+    with half_precision_autocast(accelerator):
+        curve_loss = curve_head.curve_loss(features, torch.stack(measured_l, 1), torch.stack(measured_rl, 1))
+    return pg_loss, pg_logs, curve_loss, lengths, log_prob, entropy, reward, baseline, rl
+
+
+def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, data, collate, accelerator):
+    """The training table (``train.table_size`` images of the training data) and, with
+    ``train.val_size``, a held-out one from ``data.eval_split``; cached under ``<output_dir>/reward_table``."""
+    from ..generator.sample_c2i import model_fingerprint
+    from .batches import preload_images
+    from .train_tokenizer import load_split
+
+    tc, grid = cfg.train, model.policy.grid
+    folder = Path(tc.output_dir) / "reward_table"
+    if cfg.data.flip:
+        warnings.warn("train.reward_table measures each image once, without data.flip augmentation")
+    num_rows = min(len(data), tc.table_size or len(data))
+    meta = {"tokenizer": model_fingerprint(cfg.tokenizer), "grid": grid.tolist(), "rows": num_rows,
+            "data": dataclasses.asdict(cfg.data), "split": cfg.data.train_split}
+
+    def load_train(ix: list[int]) -> torch.Tensor:
+        if isinstance(data, PreloadedImages):
+            return data.batch(ix)["pixel_values"]
+        return collate([data[i] for i in ix])["pixel_values"]
+
+    batch = max(tc.batch_size, 64)
+    table, seconds = measure_shared(accelerator, folder / "train.safetensors", meta, model, load_train, num_rows,
+                                    batch, grid, "reward table (train)")
+    val_table = None
+    if tc.val_size:
+        test = load_split(cfg.data, cfg.data.eval_split, tc.seed)
+        test = test.select(range(min(tc.val_size, len(test))))
+        pixels = preload_images(test, build_image_processor(model.config, cfg.data, train=False)).pixels
+        val_meta = dict(meta, rows=int(pixels.shape[0]), split=cfg.data.eval_split)
+        val_table, val_s = measure_shared(accelerator, folder / "val.safetensors", val_meta, model,
+                                          lambda ix: pixels[ix].float().div(255.0), int(pixels.shape[0]), batch, grid,
+                                          "reward table (held out)")
+        seconds += val_s
+    return table, val_table, seconds
 
 
 def _warn_on_collapse(history: list[dict], max_steps: int, is_main: bool) -> None:

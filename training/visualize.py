@@ -115,4 +115,19 @@ def training_curves(history: list[dict], out_dir: str | Path) -> list[Path]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         paths.append(save_figure(fig, Path(out_dir) / name))
+    held_out = [h for h in history if "val_reward" in h]
+    if held_out:   # train.val_size: the policy's `auto` lengths on held-out images against Table 2's baselines
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        ax.plot([h["step"] for h in held_out], [h["val_reward"] for h in held_out], color="tab:blue",
+                linewidth=2, label="policy (auto)")
+        for key, label, color in (("val_oracle_reward", "oracle", "tab:green"),
+                                  ("val_search_reward", "binary search", "tab:orange"),
+                                  ("val_best_fixed_reward", "best fixed length", "tab:gray")):
+            ax.axhline(held_out[-1][key], color=color, linestyle="--", linewidth=1.2, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean reward")
+        ax.set_title("held-out reward")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        paths.append(save_figure(fig, Path(out_dir) / "policy_val_reward.png"))
     return paths
