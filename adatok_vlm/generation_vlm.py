@@ -17,6 +17,8 @@ The model file (:mod:`adatok_vlm.modeling_vlm`) re-exports the public names.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -163,6 +165,20 @@ class ImageVocabularyLogitsProcessor(LogitsProcessor):
         allowed[self.eoi_token_id] = True
         return scores.masked_fill(inside[:, None] & ~allowed[None, :], -float("inf"))
 
+def _check_sampling_args(seed, cfg_scale, num_flow_steps, temperature) -> None:
+    """Refuse sampling arguments that would fail deep in a layer or silently become NaN or a default."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if num_flow_steps is not None and (isinstance(num_flow_steps, bool) or not isinstance(num_flow_steps, numbers.Integral)
+                                       or num_flow_steps < 1):
+        raise ValueError(f"num_flow_steps must be an int >= 1 or None (the config's default), got {num_flow_steps!r}")
+    for name, value in (("cfg_scale", cfg_scale), ("temperature", temperature)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
+
+
 def _left_pad_cat(pairs):
     """Stack (ids, mask) pairs of different lengths along the batch, left-padding to the longest."""
     width = max(ids.shape[1] for ids, _ in pairs)
@@ -275,6 +291,9 @@ class AdaTokVLMGenerationMixin(GenerationMixin):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise TypeError(f"input_ids must be a LongTensor [B, T], got "
                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape "
+                             f"{tuple(input_ids.shape)} (for an unconditional image, prompt with the BOS token alone)")
         if attention_mask is None:
             return torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -284,6 +303,13 @@ class AdaTokVLMGenerationMixin(GenerationMixin):
             raise ValueError("prompts must be left-padded for generation (tokenizer.padding_side = 'left'): "
                              "attention_mask is 0 at the last position of some row")
         return attention_mask
+
+    def _check_prompt_vocab(self, input_ids: torch.Tensor) -> None:
+        vocab = self.vocab_size
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the LM's vocabulary with the image "
+                             f"tokens), got values in [{low}, {high}]: was the prompt encoded by another tokenizer?")
 
     def _lm_step(self, inputs_embeds, attention_mask, position_ids, cache, use_cache):
         """One LM call; returns the last position's hidden state ``[B, H]``, logits ``[B, V]`` and the cache."""
@@ -351,6 +377,8 @@ class AdaTokVLMGenerationMixin(GenerationMixin):
         """
         self._check_image_vocab()
         attention_mask = self._check_prompts(input_ids, attention_mask)
+        self._check_prompt_vocab(input_ids)
+        _check_sampling_args(seed, cfg_scale, num_flow_steps, temperature)
         device = self.language_model.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         batch = input_ids.shape[0]

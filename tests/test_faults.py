@@ -249,3 +249,17 @@ def test_a_data_set_that_disappears_mid_epoch_stops_with_a_clear_error(tmp_path)
     shutil.rmtree(root)                                                           # unmounted, deleted...
     with pytest.raises(FileNotFoundError, match="disappeared"):
         next(batches)
+
+
+def test_training_skips_a_batch_whose_every_image_is_unreadable(tmp_path):
+    """Streaming data (``preload false``), batch size 1, half the files broken: the broken batches are
+    empty after collation; training skips them, counts them and still takes every step it was asked for."""
+    root = _folder(tmp_path / "images", count=4)
+    for i in range(4):
+        (root / "ab"[i % 2] / f"bad{i}.png").write_bytes(b"")
+    raw = raw_config(tmp_path / "run", max_steps=6, batch_size=1, save_every=0)
+    raw["data"] = {"dataset": str(root), "preload": False, "num_workers": 0}
+    summary = train(fill_dataclass(TokenizerTrainingConfig, raw))
+    assert summary["steps"] == 6
+    state = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())
+    assert state["skipped_images"] >= 1 and state["step"] == 6

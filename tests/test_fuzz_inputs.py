@@ -594,11 +594,9 @@ def test_fuzz_vlm_processor(data):
     expect("AdaTokVLMProcessor", lambda: processor(**call_kwargs), names, ok, check)
 
 
-# Bugs in AdaTokVLMForCausalLM.generate_images (modeling_vlm.py, owned elsewhere): each raises deep in a
-# layer or returns NaN instead of a ValueError/TypeError naming the argument. The fuzz test below keeps
-# clear of them; test_known_generate_images_bugs proves each one still exists (strict xfail: when one
-# is fixed the xfail turns into a failure, and the case moves into the fuzzed space).
-KNOWN_GENERATE_IMAGES_BUGS = {
+# Arguments generate_images once let through to fail deep in a layer or to return NaN; each must now
+# be a ValueError/TypeError naming the argument (the fuzz test below also draws most of them).
+GENERATE_IMAGES_BAD_ARGUMENTS = {
     "input_ids outside the vocabulary": (dict(shift=1000), "input_ids"),
     "negative input_ids": (dict(shift=-100), "input_ids"),
     "empty batch": (dict(rows=0), "input_ids"),
@@ -616,11 +614,10 @@ def _prompts(tok, rows: int = 2):
     return batch["input_ids"], batch["attention_mask"]
 
 
-@pytest.mark.parametrize("case", sorted(KNOWN_GENERATE_IMAGES_BUGS))
-@pytest.mark.xfail(strict=True, reason="bug in modeling_vlm.generate_images, reported; not ours to fix here")
-def test_known_generate_images_bugs(case):
+@pytest.mark.parametrize("case", sorted(GENERATE_IMAGES_BAD_ARGUMENTS))
+def test_generate_images_names_the_bad_argument(case):
     vlm, tok, _ = vlm_parts()
-    spec, name = KNOWN_GENERATE_IMAGES_BUGS[case]
+    spec, name = GENERATE_IMAGES_BAD_ARGUMENTS[case]
     spec = dict(spec)
     ids, mask = _prompts(tok)
     ids = ids + spec.pop("shift", 0)
@@ -656,6 +653,12 @@ def test_fuzz_vlm_generate_images(data):
         high = data.draw(st.sampled_from([None, 2, 3, M + 1]))
     temperature = data.draw(st.sampled_from([None, 1.0, 0.5, 0.0, -1.0]))
     do_sample = data.draw(st.booleans())
+    shift = data.draw(st.sampled_from([0, 0, 0, 1000, -100]))
+    sampling = data.draw(st.sampled_from([{}, {}, {"seed": 3}, {"seed": "a"}, {"cfg_scale": 2.0},
+                                          {"cfg_scale": float("nan")}, {"num_flow_steps": 2},
+                                          {"num_flow_steps": 0}]))
+    if shift and ids_kind in ("ok", "int32"):
+        ids_arg = ids_arg + shift
 
     def length_ok(v):
         if v is None:
@@ -667,11 +670,12 @@ def test_fuzz_vlm_generate_images(data):
     mask_ok = mask_kind in ("ok", "none") and (ids_ok or mask_kind == "none")
     bounds_ok = length_ok(exact) and length_ok(low) and length_ok(high) and \
         not (low is not None and high is not None and low > high)
-    ok = ids_ok and mask_ok and bounds_ok and temperature not in (0.0, -1.0)
+    sampling_ok = sampling in ({}, {"seed": 3}, {"cfg_scale": 2.0}, {"num_flow_steps": 2})
+    ok = ids_ok and not shift and mask_ok and bounds_ok and temperature not in (0.0, -1.0) and sampling_ok
     if ids_kind == "1d" or ids_kind == "list":
         ok = False
     names = ("input_ids", "attention_mask", "left-padded", "num_image_tokens", "min_image_tokens",
-             "max_image_tokens", "temperature")
+             "max_image_tokens", "temperature", "seed", "cfg_scale", "num_flow_steps")
 
     def check(enc):
         assert enc.lengths.shape == (rows,) and enc.lengths.min() >= 1 and enc.lengths.max() <= M
@@ -684,7 +688,8 @@ def test_fuzz_vlm_generate_images(data):
     expect("AdaTokVLMForCausalLM.generate_images",
            lambda: vlm.generate_images(ids_arg, mask_arg, min_image_tokens=low, max_image_tokens=high,
                                        num_image_tokens=exact, temperature=temperature, do_sample=do_sample,
-                                       generator=torch.Generator().manual_seed(0)),
+                                       generator=None if "seed" in sampling else torch.Generator().manual_seed(0),
+                                       **sampling),
            names, ok, check)
 
 

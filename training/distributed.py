@@ -198,6 +198,14 @@ def non_finite_anywhere(accelerator, bad: tuple[str, float] | None) -> tuple[str
     return bad if bad is not None else ("loss on another rank", float("nan"))
 
 
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (a collective with several processes)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return float(accelerator.reduce(value, reduction="sum")) > 0
+
+
 def fill_bucket_sizes(accelerator, hidden_size: int) -> None:
     """Fill the hidden-size-based ``"auto"`` ZeRO buckets for a model without ``config.hidden_size``
     (Accelerate's own rule: h*h reduce bucket, 0.9*h*h prefetch, 10*h persistence threshold)."""

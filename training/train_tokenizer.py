@@ -47,8 +47,8 @@ from ..tokenizer import AdaTokConfig, AdaTokModel
 from .batches import PreloadedImages, ResumableBatchSampler, collate_preloaded, preload_images
 from .checkpointing import CheckpointManager
 from .config import parse_config
-from .distributed import (assert_replicas_match, describe_batch, final_model, half_precision_autocast, materialize,
-                          mean_over_ranks, non_finite_anywhere, param_gatherer, replicate, uses_deepspeed, zero_stage)
+from .distributed import (any_rank, assert_replicas_match, describe_batch, final_model, half_precision_autocast,
+                          materialize, mean_over_ranks, non_finite_anywhere, param_gatherer, replicate, uses_deepspeed, zero_stage)
 from .engine import EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
 from .evaluation import default_lengths
 from .launch import make_accelerator
@@ -349,6 +349,9 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
             step = state["step"]
             pixels = batch["pixel_values"].to(accelerator.device, non_blocking=True)
             state["skipped_images"] += int(batch.get("num_skipped", 0))
+            if not fast_batches and any_rank(accelerator, pixels.shape[0] == 0):
+                state["batch"] += 1   # every image of a batch was unreadable (here or on another rank): skip it
+                continue
             if cfg.data.flip:
                 pixels = flip_batch(pixels, tc.seed + accelerator.process_index, step)
             elapsed = time.time() - started
