@@ -65,6 +65,14 @@ def policy_flags(stage1, out, extra=()):
             "--train.num_threads", "1", *DATA, "--data.limit", "16", *extra]
 
 
+def vlm_flags(root, out, extra=()):
+    return ["--config", str(REPO / "configs" / "vlm" / "tiny.yaml"), "--tokenizer", str(root / "vlm_assets" / "adatok"),
+            "--output_dir", str(out), "--seed", "0", "--max_steps", str(STEPS), "--data.dataset",
+            str(root / "vlm_assets" / "data"), "--data.caption_column", "text", "--data.limit", "8",
+            "--train.batch_size", "4", "--train.log_every", "1", "--train.num_threads", "1", "--train.warmup_steps",
+            "0", "--train.lr_schedule", "constant", "--train.save_every", "2", *extra]
+
+
 def dit_flags(cache, out, max_steps=STEPS, extra=()):
     return ["--config", str(REPO / "configs" / "dit" / "dit-tiny.yaml"), "--data.tokens", str(cache / "tokens"),
             "--output_dir", str(out), "--max_steps", str(max_steps), "--train.time_budget_s", "null",
@@ -121,6 +129,10 @@ def runs(tmp_path_factory):
     model.save_pretrained(root / "cache" / "tokenizer")
     extract(["--tokenizer", str(root / "cache" / "tokenizer"), "--output_dir", str(root / "cache" / "tokens"),
              *DATA, "--extract.num_threads", "1"])
+    from test_train_vlm import tiny_adatok, write_captioned_set
+
+    tiny_adatok(policy=True).save_pretrained(root / "vlm_assets" / "adatok")
+    write_captioned_set(root / "vlm_assets" / "data")
 
     zero2 = [
         {"name": "tokenizer", "trainer": "train_tokenizer", "argv": tokenizer_flags(root / "z2" / "tokenizer")},
@@ -133,6 +145,9 @@ def runs(tmp_path_factory):
                                         "--train.sample_every", "0"])},
         {"name": "policy", "trainer": "train_policy", "argv": policy_flags(root / "stage1", root / "z2" / "policy")},
         {"name": "dit", "trainer": "train_dit", "argv": dit_flags(root / "cache", root / "z2" / "dit")},
+        {"name": "vlm", "trainer": "train_vlm", "argv": vlm_flags(root, root / "z2" / "vlm")},
+        {"name": "vlm_lora", "trainer": "train_vlm",
+         "argv": vlm_flags(root, root / "z2" / "vlm_lora", extra=["--train.finetune", "lora"])},
     ]
     z3 = ["--train.deepspeed", "zero3"]
     bf16 = ["--train.mixed_precision", "bf16"]
@@ -164,12 +179,20 @@ def runs(tmp_path_factory):
                                  extra=[*z3, "--train.grad_accum", "2", "--train.save_every", "0"])},
         {"name": "policy_bf16", "trainer": "train_policy",
          "argv": policy_flags(root / "stage1", root / "bf16" / "policy", extra=[*z3, *bf16])},
-        # a reward table measured in two uneven chunks (15 rows), gathered, then the exact objective
+        # a reward table measured in two uneven chunks (9 rows), gathered, then the exact objective
         {"name": "policy_table", "trainer": "train_policy",
          "argv": policy_flags(root / "stage1", root / "z3" / "policy_table",
-                              extra=[*z3, "--train.reward_table", "true", "--train.table_size", "15",
+                              extra=[*z3, "--train.reward_table", "true", "--train.table_size", "9",
                                      "--train.batch_size", "4", "--train.val_size", "6",
                                      "--train.objective", "expected"])},
+        # the VLM with LoRA, sharded (frozen LM included), then generation under ZeRO-3 with a different
+        # length on each rank: without synced_gpus the rank that finishes first would leave the other
+        # waiting in a parameter all-gather forever
+        {"name": "vlm", "trainer": "train_vlm",
+         "argv": vlm_flags(root, root / "z3" / "vlm", extra=[*z3, "--train.finetune", "lora"])},
+        {"name": "vlm_full", "trainer": "train_vlm", "argv": vlm_flags(root, root / "z3" / "vlm_full", extra=z3)},
+        {"name": "vlm_generate", "trainer": "vlm_generate_zero3",
+         "argv": [str(root / "z3" / "vlm" / "model"), str(root / "z3" / "vlm_generate")]},
     ]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(REPO / "configs" / "accelerate" / "cpu_2proc_zero2.yaml"), "--main_process_port",
@@ -429,12 +452,44 @@ def test_reward_table_measured_across_ranks_equals_one_process(runs):
 
     out = runs["root"] / "z3" / "policy_table"
     saved = load_file(str(out / "reward_table" / "train.safetensors"))
-    assert saved["rl"].shape[0] == 15 and (out / "reward_table" / "val.safetensors").is_file()
+    assert saved["rl"].shape[0] == 9 and (out / "reward_table" / "val.safetensors").is_file()
     assert "val_reward" in log_rows(out)[0]
     model = transformers.AutoModel.from_pretrained(runs["root"] / "stage1").eval()
     model.enable_policy()
     cfg, _ = parse_config(PolicyTrainingConfig, policy_flags(runs["root"] / "stage1", out))
     data, _ = build_train_data(_as_tokenizer_cfg(cfg), model.config)
-    table = measure_reward_table(model, [data.batch(list(range(15)))["pixel_values"]], model.length_grid)
+    table = measure_reward_table(model, [data.batch(list(range(9)))["pixel_values"]], model.length_grid)
+    exported = transformers.AutoModel.from_pretrained(out / "model")
+    assert exported.config.quality_margin != 0.0     # calibrated on the held-out table (rows 10..15)
     assert torch.allclose(table.rl, saved["rl"], rtol=1e-4, atol=1e-7)
     assert torch.allclose(table.features, saved["features"], atol=1e-5)
+
+
+@pytest.mark.parametrize("run", ["z2/vlm", "z2/vlm_lora", "z3/vlm", "z3/vlm_full"])
+def test_vlm_trains_under_zero_and_exports(runs, run):
+    """train_vlm as one DeepSpeed engine, full fine-tuning and LoRA (under ZeRO-3 the frozen LM is sharded
+    too): finite, falling losses averaged over ranks, engine checkpoints, and an export that generates
+    in one process."""
+    from adatok_vlm.sample_t2i import load_for_sampling
+
+    out = runs["root"] / run
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert finite_and_falling([r["loss"] for r in rows if "loss" in r])
+    assert (out / "checkpoints" / "step-00000004" / "model").is_dir()
+    vlm, processor, info = load_for_sampling(str(out / "model"))
+    ids = processor.tokenizer(["a blue disc"], return_tensors="pt").input_ids
+    assert vlm.generate_images(ids, num_image_tokens=3, seed=0).lengths.tolist() == [3]
+
+
+def test_vlm_generation_under_zero3_with_different_lengths_per_rank(runs):
+    """Rank 0 writes 1 image token, rank 1 writes 4, through the sharded model with synced_gpus=True: both
+    return (no hang), and each rank's tokens equal the unsharded model's for the same seed."""
+    from adatok_vlm.sample_t2i import load_for_sampling
+
+    vlm, processor, _ = load_for_sampling(str(runs["root"] / "z3" / "vlm" / "model"))
+    ids = processor.tokenizer(["a blue disc"], return_tensors="pt").input_ids
+    for rank, length in ((0, 1), (1, 4)):
+        got = json.loads((runs["root"] / "z3" / f"vlm_generate.rank{rank}.json").read_text())
+        assert got["lengths"] == [length]
+        expected = vlm.generate_images(ids, num_image_tokens=length, seed=0).tokens
+        assert torch.allclose(torch.tensor(got["tokens"]), expected, atol=1e-4), rank

@@ -18,10 +18,12 @@ def test_demo_writes_every_file_it_promises(tmp_path, monkeypatch):
         "--model.decoder_num_attention_heads", "2", "--model.num_encoder_layers", "1",
         "--model.num_decoder_layers", "1",
         "--policy.train.max_steps", "4", "--policy.train.batch_size", "16", "--policy.train.time_budget_s", "60",
+        "--policy.train.table_size", "64", "--policy.train.val_size", "32",
     ])
     for name in ("reconstructions.png", "rmse_vs_tokens.png", "rqpr_vs_tokens.png", "metrics.json",
                  "ablation.json", "ablation.md", "lengths_hist.png", "fig3_rmse_vs_tokens.png",
-                 "fig5_rqpr_vs_tokens.png", "fig6_reward_landscape.png"):
+                 "fig5_rqpr_vs_tokens.png", "fig6_reward_landscape.png", "policy/policy_val_reward.png",
+                 "policy/reward_table/train.safetensors"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     m = saved["num_latent_tokens"]

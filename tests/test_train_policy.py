@@ -96,6 +96,14 @@ def test_reward_table_mode_trains_scores_held_out_and_reuses_its_table(stage1, t
     assert files == ["train.safetensors", "val.safetensors"]
     model = transformers.AutoModel.from_pretrained(first["model_dir"]).eval()
     assert model.config.policy_dropout == 0.1
+    margin = model.config.quality_margin          # calibrated on the 24 held-out images
+    assert margin != 0.0
+    images = torch.rand(6, 3, 32, 32)
+    calibrated = model.encode(images, num_tokens={"max_mse": 0.02}).lengths
+    model.config.quality_margin = 0.0
+    raw = model.encode(images, num_tokens={"max_mse": 0.02}).lengths
+    assert bool(((calibrated >= raw) if margin > 0 else (calibrated <= raw)).all())
+    model.config.quality_margin = margin
     grid = model.length_grid
     table = RewardTable.load(tmp_path / "reward_table" / "train.safetensors", _meta(tmp_path / "reward_table"))
     assert table.rl.shape == (40, grid.numel()) and table.features.shape == (40, 2 * model.config.hidden_size)
@@ -129,10 +137,11 @@ def _meta(folder):
         return json.loads(f.metadata()["meta"])
 
 
-def test_expected_objective_needs_a_table(stage1, tmp_path):
+@pytest.mark.parametrize("flags", [["--train.objective", "expected"], ["--train.val_size", "8"]])
+def test_table_only_options_need_a_table(stage1, tmp_path, flags):
     with pytest.raises(ValueError, match="reward_table"):
         main(["--tokenizer", stage1, "--output_dir", str(tmp_path), "--max_steps", "1", "--data.dataset",
-              "natural_crops", "--data.num_crops", "32", "--train.objective", "expected"])
+              "natural_crops", "--data.num_crops", "32", *flags])
 
 
 @pytest.mark.parametrize("objective", ["reinforce", "expected"])

@@ -40,12 +40,8 @@ def tiny_adatok(policy: bool = True) -> AdaTokModel:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """``{"adatok": DIR (with a policy), "plain": DIR (none), "data": a save_to_disk captioned set}``."""
-    root = tmp_path_factory.mktemp("vlm_assets")
-    tiny_adatok(policy=True).save_pretrained(root / "adatok")
-    tiny_adatok(policy=False).save_pretrained(root / "plain")
+def write_captioned_set(path: Path) -> None:
+    """Eight 32x32 pictures of four coloured shapes, with captions and class labels (``save_to_disk``)."""
     rng = np.random.default_rng(0)
     colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (200, 200, 30)]
     images, texts, labels = [], [], []
@@ -59,7 +55,16 @@ def assets(tmp_path_factory):
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=CLASSES)})
     datasets.Dataset.from_dict({"image": images, "text": texts, "label": labels}, features=features) \
-        .save_to_disk(str(root / "data"))
+        .save_to_disk(str(path))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """``{"adatok": DIR (with a policy), "plain": DIR (none), "data": a save_to_disk captioned set}``."""
+    root = tmp_path_factory.mktemp("vlm_assets")
+    tiny_adatok(policy=True).save_pretrained(root / "adatok")
+    tiny_adatok(policy=False).save_pretrained(root / "plain")
+    write_captioned_set(root / "data")
     return {"adatok": str(root / "adatok"), "plain": str(root / "plain"), "data": str(root / "data")}
 
 

@@ -8,6 +8,8 @@ YAML files in ``configs/tokenizer/`` and the command line refer to by name.
 
 from __future__ import annotations
 
+import math
+
 import copy
 from dataclasses import field
 from typing import Any
@@ -73,6 +75,9 @@ class AdaTokConfig(PretrainedConfig):
             and by ``num_tokens="oracle"``; reward_alpha / reward_beta / reward_gamma /
             reward_rl_base are the paper's alpha, beta, gamma and rl_base.
         search_threshold (`float`): MSE a ``num_tokens="search"`` binary search must reach.
+        quality_margin (`float`): log-space margin the quality dial (``num_tokens={"max_mse": x}``) adds
+            to its predicted curves: stage 2 sets it on held-out images so that the promise ``MSE <= x``
+            is kept for a chosen fraction of images (``train.dial_confidence``); 0 trusts the raw prediction.
     """
 
     model_type = "adatok"
@@ -119,6 +124,7 @@ class AdaTokConfig(PretrainedConfig):
     reward_gamma: float = 10.0
     reward_rl_base: float = 0.02
     search_threshold: float = 0.02
+    quality_margin: float = 0.0
 
     def __post_init__(self, **kwargs):
         if self.decoder_hidden_size is None:
@@ -195,6 +201,8 @@ class AdaTokConfig(PretrainedConfig):
                 "AdaTokConfig needs 1 <= policy_min_tokens <= policy_max_tokens <= num_latent_tokens and "
                 f"policy_step >= 1, got {self.policy_min_tokens}, {self.policy_max_tokens}, {self.policy_step}"
             )
+        if not math.isfinite(float(self.quality_margin)):
+            raise ValueError(f"AdaTokConfig.quality_margin must be finite, got {self.quality_margin}")
         if not 0.0 <= float(self.policy_dropout) < 1.0:
             raise ValueError(f"AdaTokConfig.policy_dropout must be in [0, 1), got {self.policy_dropout}")
         if self.reward_kind not in ("continuous", "structured"):

@@ -18,6 +18,8 @@ Batches of variable-length tokens are ``tokens [B, L, D]`` (padded) plus ``lengt
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -435,7 +437,9 @@ class AdaTokModel(AdaTokPreTrainedModel):
         if mode == "sample":
             return self.policy.sample(features)[0]
         if "max_mse" in mode:
-            return self.quality_head.min_length_for_quality(features, float(mode["max_mse"]))
+            # the calibrated margin (stage 2 on a reward table): predicted curves are scaled up by exp(margin)
+            scale = math.exp(float(self.config.quality_margin))
+            return self.quality_head.min_length_for_quality(features, float(mode["max_mse"]) / scale)
         budget = float(mode["mean_budget"])  # finite and > 0: checked by _check_mode
         grid = self.quality_head.grid
         if not float(grid[0]) <= budget <= float(grid[-1]):

@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     raw = deep_merge(load_yaml(config_path or REPO_CONFIG), overrides)
     eval_limit = raw.pop("eval_limit", None)
     raw_policy = raw.pop("policy", {})
+    if "config" in raw_policy:   # policy: {config: policy/adatok-tiny.yaml, <overrides>}, relative to the demo YAML
+        base = load_yaml(Path(config_path or REPO_CONFIG).parent / raw_policy.pop("config"))
+        base.pop("tokenizer", None)                        # the demo's own stage-1 model ...
+        base.get("train", {}).pop("output_dir", None)      # ... and <output_dir>/policy
+        raw_policy = deep_merge(base, raw_policy)
     skip_policy = bool(raw.pop("skip_policy", False))
     cfg = fill_dataclass(TokenizerTrainingConfig, raw)
     out_dir = Path(cfg.train.output_dir)
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown_table_text(out_dir))
         written += ["ablation.json", "ablation.md", "lengths_hist.png", "fig3_rmse_vs_tokens.png",
                     "fig5_rqpr_vs_tokens.png", "fig6_reward_landscape.png", "policy/policy_entropy.png"]
+        written += ["policy/policy_val_reward.png"] if (out_dir / "policy" / "policy_val_reward.png").is_file() else []
     for name in written:
         print(f"  wrote {out_dir / name}")
     return metrics

@@ -78,7 +78,8 @@ class PolicyTrainConfig:
     reward_table: bool = False               # measure rl at every grid length once, then train on look-ups
     table_size: int | None = None            # training images in the table (None: all of data.limit)
     objective: str = "reinforce"             # reinforce (eq. 8/9) | expected (exact gradient; table only)
-    val_size: int = 0                        # held-out images scored every log step (table mode)
+    val_size: int = 0                        # held-out training images scored every log step (table mode)
+    dial_confidence: float = 0.9             # share of held-out (image, length) pairs the max_mse dial covers
     mixed_precision: str = "auto"
     num_threads: int | None = None
     log_every: int = 10
@@ -137,6 +138,11 @@ def train(cfg: PolicyTrainingConfig) -> dict:
     if tc.objective == "expected" and not tc.reward_table:
         raise ValueError("train.objective 'expected' sums the reward over every length: it needs "
                          "train.reward_table true")
+    if tc.val_size and not tc.reward_table:
+        raise ValueError("train.val_size scores the policy on a held-out reward table: it needs "
+                         "train.reward_table true")
+    if not 0.0 < tc.dial_confidence < 1.0:
+        raise ValueError(f"train.dial_confidence must be in (0, 1), got {tc.dial_confidence}")
     data, collate = build_train_data(_as_tokenizer_cfg(cfg), model.config)
     table, val_table, table_s = (_reward_tables(cfg, model, data, collate, accelerator) if tc.reward_table
                                  else (None, None, 0.0))
@@ -261,6 +267,12 @@ def train(cfg: PolicyTrainingConfig) -> dict:
             state["batch"] = 0
             sampler.set_position(state["epoch"], 0)
     bar.close()
+    if val_table is not None:
+        heads.eval()
+        model.config.quality_margin = calibrate_dial(curve_head, val_table, tc.dial_confidence)
+        if is_main:
+            print(f"quality dial: margin {model.config.quality_margin:.3f} (log space) covers "
+                  f"{tc.dial_confidence:.0%} of {len(val_table)} held-out images' measured losses")
     final = ckpt.save(state["step"], state)
     summary = {"steps": state["step"], "wall_s": state["elapsed_s"], "checkpoint": str(final) if final else None,
                "reward_table_s": table_s}
@@ -318,39 +330,51 @@ def _online_step(model, policy, curve_head, x, spec, m, tc, lam, accelerator):
 
 
 def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, data, collate, accelerator):
-    """The training table (``train.table_size`` images of the training data) and, with
-    ``train.val_size``, a held-out one from ``data.eval_split``; cached under ``<output_dir>/reward_table``."""
+    """The training table (the first ``train.table_size`` images of the training data) and, with
+    ``train.val_size``, a held-out one (the last ``val_size`` images, never in the table); both cached
+    under ``<output_dir>/reward_table``. Returns ``(table, val_table or None, seconds spent measuring)``."""
     from ..generator.sample_c2i import model_fingerprint
-    from .batches import preload_images
-    from .train_tokenizer import load_split
 
     tc, grid = cfg.train, model.policy.grid
     folder = Path(tc.output_dir) / "reward_table"
     if cfg.data.flip:
         warnings.warn("train.reward_table measures each image once, without data.flip augmentation")
-    num_rows = min(len(data), tc.table_size or len(data))
-    meta = {"tokenizer": model_fingerprint(cfg.tokenizer), "grid": grid.tolist(), "rows": num_rows,
-            "data": dataclasses.asdict(cfg.data), "split": cfg.data.train_split}
+    total = len(data)
+    num_rows = min(tc.table_size or total, total - tc.val_size)
+    if tc.val_size < 0 or num_rows < 1:
+        raise ValueError(f"the training data has {total} images: too few for train.val_size={tc.val_size} held-out "
+                         "images plus a reward table")
+    meta = {"tokenizer": model_fingerprint(cfg.tokenizer), "grid": grid.tolist(), "rows": [0, num_rows],
+            "data": dataclasses.asdict(cfg.data)}
 
-    def load_train(ix: list[int]) -> torch.Tensor:
+    def load(ix: list[int]) -> torch.Tensor:
         if isinstance(data, PreloadedImages):
             return data.batch(ix)["pixel_values"]
         return collate([data[i] for i in ix])["pixel_values"]
 
     batch = max(tc.batch_size, 64)
-    table, seconds = measure_shared(accelerator, folder / "train.safetensors", meta, model, load_train, num_rows,
-                                    batch, grid, "reward table (train)")
+    table, seconds = measure_shared(accelerator, folder / "train.safetensors", meta, model, load, num_rows, batch,
+                                    grid, "reward table (train)")
     val_table = None
     if tc.val_size:
-        test = load_split(cfg.data, cfg.data.eval_split, tc.seed)
-        test = test.select(range(min(tc.val_size, len(test))))
-        pixels = preload_images(test, build_image_processor(model.config, cfg.data, train=False)).pixels
-        val_meta = dict(meta, rows=int(pixels.shape[0]), split=cfg.data.eval_split)
-        val_table, val_s = measure_shared(accelerator, folder / "val.safetensors", val_meta, model,
-                                          lambda ix: pixels[ix].float().div(255.0), int(pixels.shape[0]), batch, grid,
+        first = total - tc.val_size
+        val_table, val_s = measure_shared(accelerator, folder / "val.safetensors", dict(meta, rows=[first, total]),
+                                          model, lambda ix: load([first + i for i in ix]), tc.val_size, batch, grid,
                                           "reward table (held out)")
         seconds += val_s
     return table, val_table, seconds
+
+
+@torch.no_grad()
+def calibrate_dial(curve_head, val_table, confidence: float) -> float:
+    """The log-space margin above the quality head's predicted curves that ``confidence`` of the held-out
+    (image, length) losses stay under: with it, ``num_tokens={"max_mse": x}`` keeps its promise for about
+    that share of images (every rank computes it: a head forward, a collective under ZeRO-3)."""
+    device = curve_head.grid.device
+    predicted = torch.cat([curve_head(val_table.features[s:s + 4096].to(device)).float().cpu()
+                           for s in range(0, len(val_table), 4096)])
+    residual = val_table.rl.clamp_min(curve_head.min_rl).log() - predicted
+    return float(torch.quantile(residual.flatten(), confidence))
 
 
 def _warn_on_collapse(history: list[dict], max_steps: int, is_main: bool) -> None:

@@ -4,6 +4,7 @@
         --max_steps 200 --seed 0 --tokenizer outputs/demo/model
     python -m adatok_vlm.training.train_vlm --config configs/vlm/smollm2-fmnist.yaml --tokenizer DIR ...
     accelerate launch -m adatok_vlm.training.train_vlm --config configs/vlm/base.yaml --lm.path DIR ...
+    torchrun --nproc_per_node 8 -m adatok_vlm.training.train_vlm ... --train.deepspeed zero3
 
 The LM is a named tiny preset built from a config (``--lm.preset tiny-llama``, with a character-level
 text tokenizer: tests and smoke runs), a local model folder (``--lm.path DIR``) or a GGUF file that
@@ -20,6 +21,11 @@ a non-finite guard, JSONL logging, atomic checkpoints of the *trainable* weights
 rows, projector, flow head; the frozen LM stays out) and ``--resume auto``. The end of the run writes
 ``<output_dir>/model`` (the VLM, LoRA merged; tokenizer and processor beside it; ``vlm_training.json``
 with the prompt template and class names for ``adatok sample-t2i``) and, with LoRA, ``<output_dir>/adapter``.
+
+Under DeepSpeed ZeRO-2/3 (``--train.deepspeed zero2|zero3`` or a DeepSpeed ``accelerate launch``) the
+whole VLM (frozen LM included, so ZeRO-3 shards it too) is one engine with the trainable parameters in
+its optimizer; checkpoints are the engine's shards; the export rebuilds the model on the main process
+and loads the consolidated weights. The collator's AdaTok copy stays outside the engine.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ from ..vlm_data import DEFAULT_TEMPLATES, CaptionedImages, VLMCollator, class_ca
 from .batches import ResumableBatchSampler
 from .checkpointing import CheckpointManager
 from .config import parse_config
+from .distributed import (any_rank, assert_replicas_match, describe_batch, fill_bucket_sizes, full_state_dict,
+                          half_precision_autocast, half_precision_engine, mean_over_ranks, non_finite_anywhere,
+                          uses_deepspeed, zero_stage)
 from .engine import NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
 from .launch import make_accelerator
 
@@ -129,6 +138,7 @@ class VLMTrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None                # "auto" | a checkpoint folder
     export: bool = True
+    deepspeed: str | None = None             # DeepSpeed JSON (configs/deepspeed/zero2.json) or its name ("zero3")
 
 
 @dataclass
@@ -289,7 +299,9 @@ def train(cfg: VLMTrainingConfig) -> dict:
     if tc.finetune not in ("lora", "full"):
         raise ValueError(f"train.finetune must be 'lora' or 'full', got {tc.finetune!r}")
     configure_threads(tc.num_threads)
-    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum)
+    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum, deepspeed=tc.deepspeed,
+                                   micro_batch_size=tc.batch_size, grad_clip=tc.grad_clip)
+    ds = uses_deepspeed(accelerator)
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out_dir = Path(tc.output_dir)
 
@@ -314,17 +326,22 @@ def train(cfg: VLMTrainingConfig) -> dict:
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collator, num_workers=dc.num_workers,
                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(tc.seed))
 
-    model = vlm
-    if tc.finetune == "lora":
-        lc = cfg.lora
-        model = apply_lora(vlm, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
-                           train_new_token_rows=lc.train_new_token_rows)
+    model = with_finetuning(vlm, cfg)
+    assert_replicas_match(accelerator, model, "VLM")
     params = [p for p in model.parameters() if p.requires_grad]
+    num_trainable = sum(p.numel() for p in params)                 # before ZeRO-3 shards them
+    lm_parameters = vlm.language_model.num_parameters()
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    # ZeRO's "auto" buckets follow the LM's width (the composite VLM config has no hidden_size of its own)
+    fill_bucket_sizes(accelerator, vlm.language_model.config.get_text_config().hidden_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    ckpt = CheckpointManager(out_dir, {"trainable": TrainableState(raw_model)}, {"optimizer": optimizer},
-                             keep=tc.keep_checkpoints, is_main_process=is_main)
+    # Without DeepSpeed: the trainable weights only (safetensors). Under ZeRO the engine writes its
+    # shards (every rank), frozen weights included.
+    ckpt = CheckpointManager(out_dir, {} if ds else {"trainable": TrainableState(raw_model)},
+                             {} if ds else {"optimizer": optimizer}, keep=tc.keep_checkpoints, is_main_process=is_main,
+                             engines={"model": model} if ds else None, rank=rank, world_size=world,
+                             local_rank=accelerator.local_process_index, barrier=accelerator.wait_for_everyone)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "examples": 0, "image_tokens": 0, "skipped": 0}
     if tc.resume and (tc.resume != "auto" or ckpt.latest() is not None):
@@ -335,15 +352,15 @@ def train(cfg: VLMTrainingConfig) -> dict:
     collator.set_epoch(state["epoch"])
 
     global_batch = tc.batch_size * tc.grad_accum * world
-    num_trainable = sum(p.numel() for p in params)
     logger = RunLogger(out_dir, enabled=is_main)
     if is_main:
         lengths = "from the token cache" if dc.tokens else collator.num_image_tokens
         print(f"AdaTok VLM ({tc.finetune}, {dc.direction}): LM {type(vlm.language_model).__name__} "
-              f"{vlm.language_model.num_parameters() / 1e6:.1f}M, trainable {num_trainable / 1e6:.2f}M, "
+              f"{lm_parameters / 1e6:.1f}M, trainable {num_trainable / 1e6:.2f}M, "
               f"{len(data)} examples, image lengths {lengths!r} of {vlm.config.max_image_tokens}, "
-              f"global batch {global_batch} = {tc.batch_size} x {tc.grad_accum} accumulation x {world} processes, "
-              f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+              f"{describe_batch(tc.batch_size, tc.grad_accum, world)}, "
+              f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+              + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
 
     def progress_fraction(step: int, elapsed: float) -> float:
         p = step / max(1, tc.max_steps)
@@ -367,16 +384,16 @@ def train(cfg: VLMTrainingConfig) -> dict:
             step = state["step"]
             state["batch"] += 1
             state["skipped"] += batch["num_skipped"]
-            if batch["input_ids"].numel() == 0:          # every image of the batch was unreadable
+            if any_rank(accelerator, batch["input_ids"].numel() == 0):   # every image unreadable (on some rank)
                 continue
             inputs = {k: batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "labels",
                                                                    "image_tokens", "image_lengths")}
             elapsed = time.time() - started
             lr = lr_at(progress_fraction(step, elapsed), step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), half_precision_autocast(accelerator):
                 out = model(**inputs)
-                bad = check_finite({"loss": out.loss})
+                bad = non_finite_anywhere(accelerator, check_finite({"loss": out.loss}))
                 if bad is not None:
                     path = save(step)
                     bar.close()
@@ -398,6 +415,9 @@ def train(cfg: VLMTrainingConfig) -> dict:
             last = {name: float(getattr(out, name).detach()) for name in ("loss", "text_loss", "image_loss",
                                                                           "stop_loss")
                     if getattr(out, name) is not None}
+            # the global batch's loss (a collective; its parts stay this rank's: a mixed-direction batch
+            # may lack text or images on one rank)
+            last.update(mean_over_ranks(accelerator, {"loss": last["loss"]}))
             if step % tc.log_every == 0 or step == 1:
                 now = time.time()
                 values = {**last, "lr": lr, "step_time_s": (now - step_started) / (tc.log_every if step > 1 else 1),
@@ -423,12 +443,52 @@ def train(cfg: VLMTrainingConfig) -> dict:
     summary = {"steps": state["step"], "wall_s": state["elapsed_s"], "losses": last,
                "s_per_step": state["elapsed_s"] / max(1, state["step"]), "num_trainable": num_trainable,
                "checkpoint": str(final_ckpt) if final_ckpt else None, "skipped": state["skipped"]}
+    export_model = whole_model(accelerator, model, cfg, final_ckpt) if tc.export else None   # collective
     if tc.export and is_main:
-        summary.update(export(cfg, raw_model, text_tokenizer, image_processor, class_names, state["step"], out_dir))
+        summary.update(export(cfg, export_model, text_tokenizer, image_processor, class_names, state["step"], out_dir))
         logger.log(state["step"], {"event": "export", **{k: v for k, v in summary.items() if k != "checkpoint"}})
     accelerator.wait_for_everyone()
     logger.close()
     return summary
+
+
+def with_finetuning(vlm, cfg: VLMTrainingConfig):
+    """The VLM itself (full fine-tuning) or wrapped with LoRA adapters."""
+    if cfg.train.finetune != "lora":
+        return vlm
+    lc = cfg.lora
+    return apply_lora(vlm, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                      train_new_token_rows=lc.train_new_token_rows)
+
+
+def whole_model(accelerator, model, cfg: VLMTrainingConfig, checkpoint: Path | None):
+    """The trained model with whole weights on the main process (``None`` elsewhere); call on every rank.
+
+    Without ZeRO-3 and with fp32 weights the live module is exact. Under ZeRO-3 (sharded weights) or a
+    half-precision engine (rounded weights, fp32 masters in the optimizer) the main process rebuilds the
+    same model (``build_vlm`` + LoRA) and loads the consolidated weights: gathered from the ranks, or the
+    fp32 masters of the run's final checkpoint.
+    """
+    raw = accelerator.unwrap_model(model)
+    if not uses_deepspeed(accelerator) or (zero_stage(accelerator) != 3 and not half_precision_engine(accelerator)):
+        return raw if accelerator.is_main_process else None
+    if half_precision_engine(accelerator):
+        state = None
+        if accelerator.is_main_process:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="model")
+    else:
+        state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        rebuilt = with_finetuning(build_vlm(cfg)[0], cfg)
+    result = rebuilt.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"the consolidated VLM weights do not fit the rebuilt model: missing "
+                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return rebuilt.to(accelerator.device)
 
 
 def export(cfg: VLMTrainingConfig, raw_model, text_tokenizer, image_processor, class_names, steps: int,
