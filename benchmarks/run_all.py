@@ -1,4 +1,5 @@
-"""`make bench`: run every benchmark that needs no trained model, writing JSON + markdown to outputs/bench/.
+"""`make bench`: run every benchmark that needs no trained model, writing JSON + markdown to outputs/bench/
+(`zero_memory.py` launches its own processes and is run by hand).
 
 The Table-2 ablation needs a trained tokenizer with a policy:
     python benchmarks/ablation.py --model outputs/demo/model --out outputs/bench/ablation.json
@@ -15,7 +16,7 @@ OUT = Path("outputs/bench")
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     failed = []
-    for name in ("dit_varlen", "ar_generation"):
+    for name in ("dit_varlen", "ar_generation", "ata_cost"):
         print(f"== {name}")
         result = subprocess.run([sys.executable, str(HERE / f"{name}.py"), "--out", str(OUT / f"{name}.json")])
         if result.returncode:
