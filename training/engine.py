@@ -20,6 +20,13 @@ from torch import nn
 # ---------------------------------------------------------------------------------------------
 # learning rate
 # ---------------------------------------------------------------------------------------------
+def run_progress(step: int, elapsed: float, max_steps: int, time_budget_s: float | None = None) -> float:
+    """The fraction of a run done: by steps, or by wall time when a budget is set (whichever is further),
+    so a schedule over it finishes within ``time_budget_s``."""
+    progress = step / max(1, max_steps)
+    return max(progress, elapsed / time_budget_s) if time_budget_s else progress
+
+
 def lr_at(progress: float, step: int, base_lr: float, warmup_steps: int, schedule: str = "cosine",
           min_lr_ratio: float = 0.0) -> float:
     """Linear warm-up over ``warmup_steps``, then ``schedule`` ("cosine", "linear", "constant") over

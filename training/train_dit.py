@@ -43,7 +43,8 @@ from .checkpointing import CheckpointManager
 from .config import parse_config
 from .distributed import (assert_replicas_match, describe_batch, final_model, half_precision_autocast, materialize,
                           mean_over_ranks, non_finite_anywhere, param_gatherer, uses_deepspeed, zero_stage)
-from .engine import EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
+from .engine import (EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at,
+                     run_progress, set_lr)
 from .extract_tokens import TokenCache
 from .launch import make_accelerator
 
@@ -221,10 +222,6 @@ def train(cfg: DiTTrainingConfig) -> dict:
               f"padding {pad:.1%}, device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
               + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
 
-    def progress_fraction(step: int, elapsed: float) -> float:
-        p = step / max(1, tc.max_steps)
-        return max(p, elapsed / tc.time_budget_s) if tc.time_budget_s else p
-
     def save(step: int) -> Path | None:
         accelerator.wait_for_everyone()
         path = ckpt.save(step, state)
@@ -255,7 +252,8 @@ def train(cfg: DiTTrainingConfig) -> dict:
             lengths = batch["lengths"].to(accelerator.device)                          # [B]
             labels = batch["labels"].to(accelerator.device)                            # [B]
             elapsed = time.time() - started
-            lr = lr_at(progress_fraction(step, elapsed), step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+            progress = run_progress(step, elapsed, tc.max_steps, tc.time_budget_s)
+            lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
             g = batch_generator(accelerator.device, tc.seed, rank, state["epoch"], state["batch"])
             with accelerator.accumulate(model), half_precision_autocast(accelerator):

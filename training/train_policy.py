@@ -44,7 +44,8 @@ from .config import parse_config
 from .distributed import (assert_replicas_match, describe_batch, fill_bucket_sizes, final_model, full_state_dict,
                           half_precision_autocast, half_precision_engine, mean_over_ranks, non_finite_anywhere,
                           uses_deepspeed, zero_stage)
-from .engine import NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
+from .engine import (NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at,
+                     run_progress, set_lr)
 from .launch import make_accelerator
 from .reward_table import OBJECTIVES, measure_shared, score_on_table, table_policy_loss, table_rewards
 from .train_tokenizer import DataConfig, build_image_processor, build_train_data
@@ -203,9 +204,7 @@ def train(cfg: PolicyTrainingConfig) -> dict:
         for batch in iterator:
             step = state["step"]
             elapsed = time.time() - started
-            progress = step / max(1, tc.max_steps)
-            if tc.time_budget_s:
-                progress = max(progress, elapsed / tc.time_budget_s)
+            progress = run_progress(step, elapsed, tc.max_steps, tc.time_budget_s)
             lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
             lam = entropy_weight(step, tc.max_steps, tc.entropy_start, tc.entropy_end, tc.entropy_schedule)

@@ -49,7 +49,8 @@ from .checkpointing import CheckpointManager
 from .config import parse_config
 from .distributed import (any_rank, assert_replicas_match, describe_batch, final_model, half_precision_autocast,
                           materialize, mean_over_ranks, non_finite_anywhere, param_gatherer, replicate, uses_deepspeed, zero_stage)
-from .engine import EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
+from .engine import (EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at,
+                     run_progress, set_lr)
 from .evaluation import default_lengths
 from .launch import make_accelerator
 
@@ -326,12 +327,6 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
             print(f"skipped {data.num_skipped} unreadable images while preprocessing")
     sample_images = _sample_images(data, 8)
 
-    def progress_fraction(step: int, elapsed: float) -> float:
-        p = step / max(1, tc.max_steps)
-        if tc.time_budget_s:
-            p = max(p, elapsed / tc.time_budget_s)
-        return p
-
     def save(step: int) -> Path | None:
         accelerator.wait_for_everyone()
         path = ckpt.save(step, state)
@@ -355,7 +350,8 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
             if cfg.data.flip:
                 pixels = flip_batch(pixels, tc.seed + accelerator.process_index, step)
             elapsed = time.time() - started
-            lr = lr_at(progress_fraction(step, elapsed), step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+            progress = run_progress(step, elapsed, tc.max_steps, tc.time_budget_s)
+            lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
             with accelerator.accumulate(model), half_precision_autocast(accelerator):
                 out = model(pixels, return_reconstruction=loss_fn is not None or cfg.loss.pixel_weight > 0)

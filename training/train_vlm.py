@@ -56,7 +56,8 @@ from .config import parse_config
 from .distributed import (any_rank, assert_replicas_match, describe_batch, fill_bucket_sizes, full_state_dict,
                           half_precision_autocast, half_precision_engine, mean_over_ranks, non_finite_anywhere,
                           uses_deepspeed, zero_stage)
-from .engine import NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at, set_lr
+from .engine import (NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at,
+                     run_progress, set_lr)
 from .launch import make_accelerator
 
 # Random LMs for tests and smoke runs (hidden 32/64, 2 layers); ``lm.config`` overrides any field.
@@ -362,10 +363,6 @@ def train(cfg: VLMTrainingConfig) -> dict:
               f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
               + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
 
-    def progress_fraction(step: int, elapsed: float) -> float:
-        p = step / max(1, tc.max_steps)
-        return max(p, elapsed / tc.time_budget_s) if tc.time_budget_s else p
-
     def save(step: int) -> Path | None:
         accelerator.wait_for_everyone()
         path = ckpt.save(step, state)
@@ -389,7 +386,8 @@ def train(cfg: VLMTrainingConfig) -> dict:
             inputs = {k: batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "labels",
                                                                    "image_tokens", "image_lengths")}
             elapsed = time.time() - started
-            lr = lr_at(progress_fraction(step, elapsed), step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
+            progress = run_progress(step, elapsed, tc.max_steps, tc.time_budget_s)
+            lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
             set_lr(optimizer, lr)
             with accelerator.accumulate(model), half_precision_autocast(accelerator):
                 out = model(**inputs)
