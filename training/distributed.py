@@ -206,6 +206,21 @@ def any_rank(accelerator, flag: bool) -> bool:
     return float(accelerator.reduce(value, reduction="sum")) > 0
 
 
+def stop_if_non_finite(accelerator, values: dict, step: int, save: Callable[[int], Path | None],
+                       close: Iterable = ()) -> None:
+    """When any rank's ``values`` hold NaN or inf, every rank saves (``save(step)``), closes ``close``
+    (progress bar, logger) and raises :class:`~.engine.NonFiniteLossError` naming the value and the step."""
+    from .engine import NonFiniteLossError, check_finite
+
+    bad = non_finite_anywhere(accelerator, check_finite(values))
+    if bad is None:
+        return
+    path = save(step)
+    for handle in close:
+        handle.close()
+    raise NonFiniteLossError(step, bad[0], bad[1], str(path) if path else None)
+
+
 def fill_bucket_sizes(accelerator, hidden_size: int) -> None:
     """Fill the hidden-size-based ``"auto"`` ZeRO buckets for a model without ``config.hidden_size``
     (Accelerate's own rule: h*h reduce bucket, 0.9*h*h prefetch, 10*h persistence threshold)."""

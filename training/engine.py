@@ -20,6 +20,19 @@ from torch import nn
 # ---------------------------------------------------------------------------------------------
 # learning rate
 # ---------------------------------------------------------------------------------------------
+def optimizer_step(accelerator, loss: torch.Tensor, optimizer, params, grad_clip: float):
+    """``accelerator.backward(loss)``, clipping to ``grad_clip`` on micro-steps that synchronise gradients
+    (under DeepSpeed the engine clips inside its step and this only reads the norm), then the optimizer
+    step. Returns the gradient norm before clipping, or None when nothing was clipped."""
+    accelerator.backward(loss)
+    grad_norm = None
+    if accelerator.sync_gradients and grad_clip > 0:
+        grad_norm = accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def run_progress(step: int, elapsed: float, max_steps: int, time_budget_s: float | None = None) -> float:
     """The fraction of a run done: by steps, or by wall time when a budget is set (whichever is further),
     so a schedule over it finishes within ``time_budget_s``."""

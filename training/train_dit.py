@@ -42,9 +42,8 @@ from ..generator.sample_c2i import class_grid, class_names_from_config, model_fi
 from .checkpointing import CheckpointManager
 from .config import parse_config
 from .distributed import (assert_replicas_match, describe_batch, final_model, half_precision_autocast, materialize,
-                          mean_over_ranks, non_finite_anywhere, param_gatherer, uses_deepspeed, zero_stage)
-from .engine import (EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at,
-                     run_progress, set_lr)
+                          mean_over_ranks, param_gatherer, stop_if_non_finite, uses_deepspeed, zero_stage)
+from .engine import EMA, RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
 from .extract_tokens import TokenCache
 from .launch import make_accelerator
 
@@ -262,18 +261,8 @@ def train(cfg: DiTTrainingConfig) -> dict:
                                          class_dropout_prob=raw_model.config.class_dropout_prob,
                                          time_distribution=tc.time_distribution, logit_mean=tc.logit_mean,
                                          logit_std=tc.logit_std, generator=g)
-                bad = non_finite_anywhere(accelerator, check_finite({"loss": out.loss}))
-                if bad is not None:
-                    path = save(step)
-                    bar.close()
-                    logger.close()
-                    raise NonFiniteLossError(step, bad[0], bad[1], str(path) if path else None)
-                accelerator.backward(out.loss)
-                grad_norm = None
-                if accelerator.sync_gradients and tc.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                stop_if_non_finite(accelerator, {"loss": out.loss}, step, save, close=(bar, logger))
+                grad_norm = optimizer_step(accelerator, out.loss, optimizer, params, tc.grad_clip)
             state["batch"] += 1
             if not accelerator.sync_gradients:
                 continue

@@ -42,10 +42,9 @@ from .batches import PreloadedImages, ResumableBatchSampler
 from .checkpointing import CheckpointManager
 from .config import parse_config
 from .distributed import (assert_replicas_match, describe_batch, fill_bucket_sizes, final_model, full_state_dict,
-                          half_precision_autocast, half_precision_engine, mean_over_ranks, non_finite_anywhere,
+                          half_precision_autocast, half_precision_engine, mean_over_ranks, stop_if_non_finite,
                           uses_deepspeed, zero_stage)
-from .engine import (NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at,
-                     run_progress, set_lr)
+from .engine import RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
 from .launch import make_accelerator
 from .reward_table import OBJECTIVES, measure_shared, score_on_table, table_policy_loss, table_rewards
 from .train_tokenizer import DataConfig, build_image_processor, build_train_data
@@ -225,15 +224,8 @@ def train(cfg: PolicyTrainingConfig) -> dict:
                     model, policy, curve_head, x, spec, m, tc, lam, accelerator)
             loss = pg_loss + tc.curve_weight * curve_loss
             checks = {"loss": loss, "reward": reward.mean(), "log_prob": log_prob.mean(), "curve_loss": curve_loss}
-            bad = non_finite_anywhere(accelerator, check_finite(checks))
-            if bad is not None:
-                path = ckpt.save(step, state)
-                raise NonFiniteLossError(step, bad[0], bad[1], str(path) if path else None)
-            accelerator.backward(loss)
-            if tc.grad_clip > 0:
-                accelerator.clip_grad_norm_(params, tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stop_if_non_finite(accelerator, checks, step, lambda at: ckpt.save(at, state))
+            optimizer_step(accelerator, loss, optimizer, params, tc.grad_clip)
 
             state["batch"] += 1
             state["step"] = step = step + 1

@@ -48,9 +48,9 @@ from .batches import PreloadedImages, ResumableBatchSampler, collate_preloaded, 
 from .checkpointing import CheckpointManager
 from .config import parse_config
 from .distributed import (any_rank, assert_replicas_match, describe_batch, final_model, half_precision_autocast,
-                          materialize, mean_over_ranks, non_finite_anywhere, param_gatherer, replicate, uses_deepspeed, zero_stage)
-from .engine import (EMA, NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at,
-                     run_progress, set_lr)
+                          materialize, mean_over_ranks, param_gatherer, replicate, stop_if_non_finite, uses_deepspeed,
+                          zero_stage)
+from .engine import EMA, RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
 from .evaluation import default_lengths
 from .launch import make_accelerator
 
@@ -370,18 +370,8 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
                                                             raw_model.last_layer_weight())
                     losses.update({k: torch.as_tensor(v) for k, v in logs.items()})
                 losses["loss"] = loss
-                bad = non_finite_anywhere(accelerator, check_finite(losses))
-                if bad is not None:
-                    path = save(step)
-                    bar.close()
-                    logger.close()
-                    raise NonFiniteLossError(step, bad[0], bad[1], str(path) if path else None)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and tc.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                stop_if_non_finite(accelerator, losses, step, save, close=(bar, logger))
+                grad_norm = optimizer_step(accelerator, loss, optimizer, params, tc.grad_clip)
                 if disc is not None and ds:
                     # The replica outside ZeRO: accelerator.backward would drive the tokenizer's engine.
                     sync = accelerator.sync_gradients or not hasattr(disc, "no_sync")

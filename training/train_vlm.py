@@ -54,10 +54,9 @@ from .batches import ResumableBatchSampler
 from .checkpointing import CheckpointManager
 from .config import parse_config
 from .distributed import (any_rank, assert_replicas_match, describe_batch, fill_bucket_sizes, full_state_dict,
-                          half_precision_autocast, half_precision_engine, mean_over_ranks, non_finite_anywhere,
+                          half_precision_autocast, half_precision_engine, mean_over_ranks, stop_if_non_finite,
                           uses_deepspeed, zero_stage)
-from .engine import (NonFiniteLossError, RunLogger, check_finite, configure_threads, lr_at,
-                     run_progress, set_lr)
+from .engine import RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
 from .launch import make_accelerator
 
 # Random LMs for tests and smoke runs (hidden 32/64, 2 layers); ``lm.config`` overrides any field.
@@ -391,18 +390,8 @@ def train(cfg: VLMTrainingConfig) -> dict:
             set_lr(optimizer, lr)
             with accelerator.accumulate(model), half_precision_autocast(accelerator):
                 out = model(**inputs)
-                bad = non_finite_anywhere(accelerator, check_finite({"loss": out.loss}))
-                if bad is not None:
-                    path = save(step)
-                    bar.close()
-                    logger.close()
-                    raise NonFiniteLossError(step, bad[0], bad[1], str(path) if path else None)
-                accelerator.backward(out.loss)
-                grad_norm = None
-                if accelerator.sync_gradients and tc.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                stop_if_non_finite(accelerator, {"loss": out.loss}, step, save, close=(bar, logger))
+                grad_norm = optimizer_step(accelerator, out.loss, optimizer, params, tc.grad_clip)
             if not accelerator.sync_gradients:
                 continue
             state["step"] = step = step + 1
