@@ -104,6 +104,13 @@ def round_to_grid(values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return grid[dist.argmin(dim=-1)]
 
 
+def first_at_or_below(curves: torch.Tensor, limit) -> torch.Tensor:
+    """Per row of ``curves [B, K]`` (non-increasing along K), the index of the first value ``<= limit``
+    (a number or ``[B, 1]``); the last index where no value is."""
+    ok = curves <= limit
+    return torch.where(ok.any(dim=-1), ok.float().argmax(dim=-1), curves.shape[-1] - 1)
+
+
 def pool_features(features: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[B, F]`` as is, or ``[B, N, F]`` mean-pooled over the valid (``mask`` True) positions."""
     if not isinstance(features, torch.Tensor):
@@ -373,9 +380,7 @@ class QualityCurveHead(nn.Module):
             max_mse = max_mse.unsqueeze(-1)
         elif max_mse.ndim != 0:
             raise ValueError(f"max_mse must be a number or [B], got shape {tuple(max_mse.shape)}")
-        ok = curve <= max_mse  # [B, K]; monotone curve -> a suffix of True
-        first = torch.where(ok.any(dim=-1), ok.float().argmax(dim=-1), self.num_lengths - 1)
-        return self.grid[first]
+        return self.grid[first_at_or_below(curve, max_mse)]
 
     def extra_repr(self) -> str:
         g = self.grid

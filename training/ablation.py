@@ -19,6 +19,7 @@ import time
 import torch
 
 from ..tokenizer.rewards import continuous_reward, structured_reward
+from .evaluation import mse_per_image
 
 METHODS = ("fixed", "truncate_mean", "search", "ata", "oracle")
 
@@ -55,7 +56,7 @@ def errors_at(model, pixels: torch.Tensor, lengths: torch.Tensor, batch_size: in
         lens = lengths[start : start + x.shape[0]].to(model.device)
         enc = model.encode(x, num_tokens=lens)
         recon = model.decode(enc.tokens, enc.lengths)
-        out.append((recon.float() - x).pow(2).flatten(1).mean(1).cpu())
+        out.append(mse_per_image(recon, x).cpu())
         start += x.shape[0]
     return torch.cat(out)
 

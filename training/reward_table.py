@@ -32,7 +32,9 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..tokenizer.policy import first_at_or_below, lengths_to_indices, round_to_grid
 from ..tokenizer.rewards import relative_advantage, reinforce_loss
+from .evaluation import mse_per_image
 
 OBJECTIVES = ("reinforce", "expected")
 
@@ -83,7 +85,7 @@ def measure_reward_table(model, batches: Iterable[torch.Tensor], grid: torch.Ten
         for length in grid.tolist():
             lengths = torch.full((x.shape[0],), length, dtype=torch.long, device=device)
             recon = model.decode(tokens[:, :length], lengths)
-            per_length.append((recon.float() - x.float()).pow(2).flatten(1).mean(1).cpu())
+            per_length.append(mse_per_image(recon, x).cpu())
         rls.append(torch.stack(per_length, 1))
         if progress is not None:
             progress(x.shape[0])
@@ -111,8 +113,7 @@ def table_policy_loss(policy, features: torch.Tensor, rewards: torch.Tensor, obj
     idx = dist.sample()
     log_prob, entropy = dist.log_prob(idx), dist.entropy()
     reward = rewards.gather(1, idx[:, None]).squeeze(1)
-    mean_length = (dist.probs.detach() @ grid.to(dist.probs.dtype))
-    mean_idx = (mean_length[:, None] - grid.to(mean_length.dtype)).abs().argmin(1)
+    mean_idx = lengths_to_indices(round_to_grid(dist.probs.detach() @ grid.to(dist.probs.dtype), grid), grid)
     baseline = rewards.gather(1, mean_idx[:, None]).squeeze(1)
     if objective == "reinforce":
         adv = relative_advantage(reward, baseline, mu, advantage)
@@ -136,20 +137,31 @@ def score_on_table(policy, table: RewardTable, rewards: torch.Tensor, search_thr
     ``val_reward`` (auto) against ``val_best_fixed_reward`` (the best single length for all images),
     ``val_search_reward`` (smallest L with MSE <= ``search_threshold``) and ``val_oracle_reward``.
     """
-    grid = policy.grid
-    device = grid.device
-    choice = torch.cat([policy(table.features[s:s + batch_size].to(device)).argmax(-1).cpu()
-                        for s in range(0, len(table), batch_size)])
+    choice = head_outputs(policy, table.features, batch_size).argmax(-1)
     rows = torch.arange(len(table))
-    ok = table.rl <= search_threshold
-    search = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(choice, grid.numel() - 1))
-    lengths = grid.cpu()
+    search = first_at_or_below(table.rl, search_threshold)
+    lengths = policy.grid.cpu()
     return {"val_reward": float(rewards[rows, choice].mean()), "val_length": float(lengths[choice].float().mean()),
             "val_rl": float(table.rl[rows, choice].mean()),
             "val_best_fixed_reward": float(rewards.mean(0).max()),
             "val_search_reward": float(rewards[rows, search].mean()),
             "val_search_length": float(lengths[search].float().mean()),
             "val_oracle_reward": float(rewards.max(1).values.mean())}
+
+
+@torch.no_grad()
+def calibrate_dial(curve_head, table: RewardTable, confidence: float) -> float:
+    """The log-space margin above the quality head's predicted curves that ``confidence`` of the held-out
+    (image, length) losses stay under: with it, ``num_tokens={"max_mse": x}`` keeps its promise for about
+    that share of images (every rank computes it: a head forward, a collective under ZeRO-3)."""
+    residual = table.rl.clamp_min(curve_head.min_rl).log() - head_outputs(curve_head, table.features).float()
+    return float(torch.quantile(residual.flatten(), confidence))
+
+
+def head_outputs(head, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """``head(features)`` over a whole table, in batches on the head's device; on the CPU."""
+    device = head.grid.device
+    return torch.cat([head(features[s:s + batch_size].to(device)).cpu() for s in range(0, len(features), batch_size)])
 
 
 def table_rewards(spec, table: RewardTable, grid: torch.Tensor, max_length: int) -> torch.Tensor:

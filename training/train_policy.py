@@ -46,13 +46,16 @@ from .distributed import (assert_replicas_match, describe_batch, fill_bucket_siz
                           uses_deepspeed, zero_stage)
 from .engine import RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
 from .launch import make_accelerator
-from .reward_table import OBJECTIVES, measure_shared, score_on_table, table_policy_loss, table_rewards
+from .evaluation import mse_per_image
+from .reward_table import (OBJECTIVES, calibrate_dial, measure_shared, score_on_table, table_policy_loss,
+                           table_rewards)
 from .train_tokenizer import DataConfig, build_image_processor, build_train_data
 
 HISTORY_KEYS = ("reward", "entropy", "log_prob", "length_mean", "val_reward", "val_best_fixed_reward",
                 "val_search_reward", "val_oracle_reward")
 POLICY_FIELDS = ("policy_min_tokens", "policy_max_tokens", "policy_step", "policy_hidden_size", "policy_num_layers",
-                 "policy_dropout", "reward_kind", "reward_alpha", "reward_beta", "reward_gamma", "reward_rl_base", "search_threshold")
+                 "policy_dropout", "reward_kind", "reward_alpha", "reward_beta", "reward_gamma", "reward_rl_base",
+                 "search_threshold")
 
 
 @dataclass
@@ -110,10 +113,6 @@ def load_tokenizer_for_policy(path: str, overrides: dict) -> AdaTokModel:
     model.requires_grad_(False)
     model.enable_policy()
     return model
-
-
-def _mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (recon.float() - x.float()).pow(2).flatten(1).mean(1)
 
 
 def train(cfg: PolicyTrainingConfig) -> dict:
@@ -212,8 +211,9 @@ def train(cfg: PolicyTrainingConfig) -> dict:
                 features = table.features[rows].to(accelerator.device)
                 measured_rl = table.rl[rows].to(accelerator.device)
                 with half_precision_autocast(accelerator):
-                    pg_loss, pg_logs, drawn = table_policy_loss(policy, features, train_rewards[rows].to(features.device),
-                                                                tc.objective, tc.mu, tc.advantage, lam)
+                    rewards = train_rewards[rows].to(features.device)
+                    pg_loss, pg_logs, drawn = table_policy_loss(policy, features, rewards, tc.objective, tc.mu,
+                                                                tc.advantage, lam)
                     curve_loss = curve_head.curve_loss(features, grid.expand(rows.numel(), -1), measured_rl)
                 lengths, log_prob, entropy = drawn["lengths"], drawn["log_prob"], drawn["entropy"]
                 reward, baseline = drawn["reward"], drawn["baseline"]
@@ -304,13 +304,13 @@ def _online_step(model, policy, curve_head, x, spec, m, tc, lam, accelerator):
         lengths, log_prob, entropy = policy.sample(features)
         mean_lengths = policy.rounded_expected_length(features)
     with torch.no_grad():
-        rl = _mse(model.decode(tokens[:, : int(lengths.max())], lengths), x)
-        rl_mean = _mse(model.decode(tokens[:, : int(mean_lengths.max())], mean_lengths), x)
+        rl = mse_per_image(model.decode(tokens[:, : int(lengths.max())], lengths), x)
+        rl_mean = mse_per_image(model.decode(tokens[:, : int(mean_lengths.max())], mean_lengths), x)
         measured_l, measured_rl = [lengths, mean_lengths], [rl, rl_mean]
         for _ in range(tc.curve_extra_lengths):
             extra = grid[torch.randint(0, grid.numel(), (x.shape[0],), device=grid.device)]
             measured_l.append(extra)
-            measured_rl.append(_mse(model.decode(tokens[:, : int(extra.max())], extra), x))
+            measured_rl.append(mse_per_image(model.decode(tokens[:, : int(extra.max())], extra), x))
     reward = spec(rl, lengths, m)
     baseline = spec(rl_mean, mean_lengths, m)
     advantage = relative_advantage(reward, baseline, tc.mu, tc.advantage)
@@ -354,18 +354,6 @@ def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, data, collate,
                                           "reward table (held out)")
         seconds += val_s
     return table, val_table, seconds
-
-
-@torch.no_grad()
-def calibrate_dial(curve_head, val_table, confidence: float) -> float:
-    """The log-space margin above the quality head's predicted curves that ``confidence`` of the held-out
-    (image, length) losses stay under: with it, ``num_tokens={"max_mse": x}`` keeps its promise for about
-    that share of images (every rank computes it: a head forward, a collective under ZeRO-3)."""
-    device = curve_head.grid.device
-    predicted = torch.cat([curve_head(val_table.features[s:s + 4096].to(device)).float().cpu()
-                           for s in range(0, len(val_table), 4096)])
-    residual = val_table.rl.clamp_min(curve_head.min_rl).log() - predicted
-    return float(torch.quantile(residual.flatten(), confidence))
 
 
 def _warn_on_collapse(history: list[dict], max_steps: int, is_main: bool) -> None:
