@@ -18,25 +18,16 @@ Each verb forwards its remaining arguments to the module that implements it.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 
-def _demo(argv):
-    from .training.demo import main
+def _forward(module: str):
+    """A verb that hands its arguments to ``adatok_vlm.<module>.main`` (imported only when the verb runs)."""
+    def run(argv):
+        return importlib.import_module(f".{module}", __package__).main(argv)
 
-    return main(argv)
-
-
-def _train_tokenizer(argv):
-    from .training.train_tokenizer import main
-
-    return main(argv)
-
-
-def _train_policy(argv):
-    from .training.train_policy import main
-
-    return main(argv)
+    return run
 
 
 def _option(argv, name, default):
@@ -61,54 +52,18 @@ def _drop_option(argv, name):
     return out
 
 
-def _extract_tokens(argv):
-    from .training.extract_tokens import main
-
-    return main(argv)
-
-
-def _train_dit(argv):
-    from .training.train_dit import main
-
-    return main(argv)
-
-
-def _train_vlm(argv):
-    from .training.train_vlm import main
-
-    return main(argv)
-
-
-def _export(argv):
-    from .training.export import main
-
-    return main(argv)
-
-
 def _sample_c2i(argv):
     """``--generator ar`` samples with an autoregressive VLM; otherwise (``dit``, the default) with a DiT."""
-    if _option(argv, "--generator", "dit") == "ar":
+    generator = _option(argv, "--generator", "dit")
+    if generator == "ar":
         from .sample_t2i import c2i_main
 
         return c2i_main(argv)
-    generator = _option(argv, "--generator", "dit")
     if generator != "dit":
         raise SystemExit(f"adatok sample-c2i: --generator must be 'dit' or 'ar', not {generator!r}")
     from .generator.sample_c2i import main
 
     return main(_drop_option(argv, "--generator"))
-
-
-def _sample_t2i(argv):
-    from .sample_t2i import main
-
-    return main(argv)
-
-
-def _evaluate(argv):
-    from .training.evaluate import main
-
-    return main(argv)
 
 
 def _ablation(argv):
@@ -122,9 +77,12 @@ def _ablation(argv):
     runpy.run_path(str(script), run_name="__main__")
 
 
-VERBS = {"demo": _demo, "train-tokenizer": _train_tokenizer, "train-policy": _train_policy, "ablation": _ablation,
-         "extract-tokens": _extract_tokens, "train-dit": _train_dit, "sample-c2i": _sample_c2i,
-         "train-vlm": _train_vlm, "sample-t2i": _sample_t2i, "export": _export, "evaluate": _evaluate}
+VERBS = {"demo": _forward("training.demo"), "train-tokenizer": _forward("training.train_tokenizer"),
+         "train-policy": _forward("training.train_policy"), "ablation": _ablation,
+         "extract-tokens": _forward("training.extract_tokens"), "train-dit": _forward("training.train_dit"),
+         "sample-c2i": _sample_c2i, "train-vlm": _forward("training.train_vlm"),
+         "sample-t2i": _forward("sample_t2i"), "export": _forward("training.export"),
+         "evaluate": _forward("training.evaluate")}
 
 
 def main(argv: list[str] | None = None) -> int:
