@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..tokenizer.policy import first_at_or_below, lengths_to_indices, round_to_grid
 from ..tokenizer.rewards import relative_advantage, reinforce_loss
+from .distributed import any_rank
 from .evaluation import mse_per_image
 
 OBJECTIVES = ("reinforce", "expected")
@@ -177,10 +178,7 @@ def measure_shared(accelerator, path: Path, meta: dict, model, load_batch: Calla
     saved by the main process. ``load_batch(indices)`` returns the pixels of those rows."""
     world, rank = accelerator.num_processes, accelerator.process_index
     table = RewardTable.load(path, meta)
-    found = torch.tensor([1.0 if table is not None else 0.0], device=accelerator.device)
-    if world > 1:
-        found = accelerator.reduce(found, reduction="sum") / world
-    if float(found) == 1.0:
+    if not any_rank(accelerator, table is None):   # every rank has it
         return table, 0.0
     from tqdm.auto import tqdm
 
@@ -192,7 +190,7 @@ def measure_shared(accelerator, path: Path, meta: dict, model, load_batch: Calla
     part = measure_reward_table(model, batches, grid, progress=bar.update) if mine else None
     bar.close()
     if world > 1:
-        features = torch.zeros(chunk, model.config.hidden_size * 2)
+        features = torch.zeros(chunk, model.policy.mlp.in_dim)   # the width of policy_features
         rl = torch.zeros(chunk, grid.numel())
         if part is not None:
             features[: len(part)], rl[: len(part)] = part.features, part.rl
