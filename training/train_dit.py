@@ -221,11 +221,8 @@ def train(cfg: DiTTrainingConfig) -> dict:
               f"padding {pad:.1%}, device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
               + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
 
-    def save(step: int) -> Path | None:
-        accelerator.wait_for_everyone()
-        path = ckpt.save(step, state)
-        accelerator.wait_for_everyone()
-        return path
+    def save(step: int) -> Path | None:   # with several processes ckpt.save fences itself with barriers
+        return ckpt.save(step, state)
 
     sampling = bool(cfg.tokenizer and tc.sample_every)             # the same on every rank
 

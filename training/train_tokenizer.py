@@ -327,11 +327,8 @@ def train(cfg: TokenizerTrainingConfig) -> dict:
             print(f"skipped {data.num_skipped} unreadable images while preprocessing")
     sample_images = _sample_images(data, 8)
 
-    def save(step: int) -> Path | None:
-        accelerator.wait_for_everyone()
-        path = ckpt.save(step, state)
-        accelerator.wait_for_everyone()
-        return path
+    def save(step: int) -> Path | None:   # with several processes ckpt.save fences itself with barriers
+        return ckpt.save(step, state)
 
     bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc="stage 1 (NTM)",
                dynamic_ncols=True)

@@ -362,11 +362,8 @@ def train(cfg: VLMTrainingConfig) -> dict:
               f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
               + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
 
-    def save(step: int) -> Path | None:
-        accelerator.wait_for_everyone()
-        path = ckpt.save(step, state)
-        accelerator.wait_for_everyone()
-        return path
+    def save(step: int) -> Path | None:   # with several processes ckpt.save fences itself with barriers
+        return ckpt.save(step, state)
 
     bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc=f"VLM {dc.direction}",
                dynamic_ncols=True)
