@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,8 +66,10 @@ def test_failure_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
         return real(tensors, path)
 
     monkeypatch.setattr(ckpt, "save_file", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         manager.save(2, {})
+    assert isinstance(info.value, ckpt.CheckpointWriteError) and info.value.errno == 28
+    assert info.value.filename.endswith(".safetensors") and Path(info.value.filename).name in str(info.value)
     assert manager.latest().name == "step-00000001"
     assert not list((tmp_path / "checkpoints").glob(".tmp-*")), "the partial folder is removed"
     assert manager.load()["step"] == 1
@@ -112,6 +116,10 @@ def test_kill_9_during_saves_leaves_a_loadable_latest(tmp_path):
         proc.wait()
         model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(16)])
         opt = torch.optim.AdamW(model.parameters())
-        state = CheckpointManager(out, {"model": model}, {"optimizer": opt}).load()
+        resumed = CheckpointManager(out, {"model": model}, {"optimizer": opt}, keep=3)
+        state = resumed.load()
         step = state["marker"]
         assert all(torch.all(p == step) for p in model.parameters()), "weights match the step they claim"
+        assert resumed.verify(resumed.latest())["files"]["model.safetensors"]["size"] > 4_000_000, "it has a manifest"
+        resumed.save(step + 1, {"marker": step + 1})
+        assert not list((out / "checkpoints").glob(".tmp-*")), "the killed writer's partial folder is cleared"
