@@ -3,6 +3,8 @@
 The sibling folders ``tokenizer/``, ``generator/`` and ``training/`` install *under* ``adatok_vlm``
 (``adatok_vlm.tokenizer`` ...) so that a VLM project with its own ``tokenizer`` package is never
 shadowed by ours. ``package_dir`` does the mapping for both editable and regular installs.
+``configs/`` ships as package data (``adatok_vlm.configs``) so an installed package finds its YAML and
+JSON configs without a source checkout (``training.config.configs_dir``).
 """
 
 from setuptools import setup
@@ -12,7 +14,11 @@ SUBPACKAGES = {
     "adatok_vlm.tokenizer": "tokenizer",
     "adatok_vlm.generator": "generator",
     "adatok_vlm.training": "training",
+    "adatok_vlm.configs": "configs",
 }
+# The config files inside adatok_vlm.configs, one level of sub-folders (configs/dit/*.yaml) and two
+# (configs/vae/NAME/config.json).
+CONFIG_FILES = [f"{depth}*.{ext}" for depth in ("", "*/", "*/*/") for ext in ("yaml", "json", "sbatch", "example", "md")]
 
 setup(
     name="adatok-vlm",
@@ -25,6 +31,7 @@ setup(
     packages=list(SUBPACKAGES),
     package_dir=SUBPACKAGES,
     include_package_data=False,
+    package_data={"adatok_vlm.configs": CONFIG_FILES},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

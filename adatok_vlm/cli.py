@@ -1,19 +1,23 @@
 """The `adatok` console command: the user-facing verbs.
 
-    adatok demo [--output_dir outputs/demo] [--train.time_budget_s 600 ...]
+    adatok demo [--demo natural|fmnist] [--output_dir outputs/demo] [--train.max_steps N ...]
     adatok train-tokenizer --config configs/tokenizer/adatok-tiny.yaml [overrides]
     adatok train-policy --tokenizer DIR [overrides]
     adatok ablation --model DIR --out FILE.json
     adatok evaluate --model DIR --data SPEC --split test --lengths 1,2,4,auto --metrics rmse,psnr,ssim --out DIR
-    adatok extract-tokens --tokenizer DIR --data fashion_mnist --out DIR [--num-tokens auto]
+    adatok extract-tokens --tokenizer DIR --data.dataset fashion_mnist --output_dir DIR [--num_tokens auto]
     adatok train-dit --config configs/dit/dit-tiny.yaml --data.tokens DIR [overrides]
     adatok sample-c2i --dit DIR --tokenizer DIR --classes all --per-class 8 --out DIR
     adatok sample-c2i --generator ar --model VLM_DIR --classes all --per-class 8 --out DIR
     adatok train-vlm --config configs/vlm/tiny.yaml [overrides]
     adatok sample-t2i --model VLM_DIR --prompt "a sneaker" --num-images 8 --out DIR
     adatok export --checkpoint OUTPUT_DIR/checkpoints/step-N --out DIR   (consolidate a ZeRO checkpoint)
+    adatok convert-vae --checkpoint vavae-imagenet256-f16d32-dinov2.pt --arch va-vae-f16d32 --out DIR
+    adatok latent-stats --model.vae_path DIR --data.dataset /data/imagenet/train --limit 10000
+    adatok cache-latents --model.vae_path DIR --data.dataset DIR --output_dir CACHE
 
-Each verb forwards its remaining arguments to the module that implements it.
+Each verb forwards its remaining arguments to the module that implements it; `adatok VERB --help`
+lists them. tests/test_readme.py parses every line above through its verb.
 """
 
 from __future__ import annotations
@@ -61,9 +65,16 @@ def _sample_c2i(argv):
         return c2i_main(argv)
     if generator != "dit":
         raise SystemExit(f"adatok sample-c2i: --generator must be 'dit' or 'ar', not {generator!r}")
-    from .generator.sample_c2i import main
+    from .sample_c2i import main
 
     return main(_drop_option(argv, "--generator"))
+
+
+def _latent_stats(argv):
+    """Per-channel VAE latent statistics (``training.convert_vae.latent_stats_main``)."""
+    from .training.convert_vae import latent_stats_main
+
+    return latent_stats_main(argv)
 
 
 def _ablation(argv):
@@ -82,7 +93,8 @@ VERBS = {"demo": _forward("training.demo"), "train-tokenizer": _forward("trainin
          "extract-tokens": _forward("training.extract_tokens"), "train-dit": _forward("training.train_dit"),
          "sample-c2i": _sample_c2i, "train-vlm": _forward("training.train_vlm"),
          "sample-t2i": _forward("sample_t2i"), "export": _forward("training.export"),
-         "evaluate": _forward("training.evaluate")}
+         "evaluate": _forward("training.evaluate"), "cache-latents": _forward("training.cache_latents"),
+         "convert-vae": _forward("training.convert_vae"), "latent-stats": _latent_stats}
 
 
 def main(argv: list[str] | None = None) -> int:

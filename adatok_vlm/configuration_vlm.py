@@ -6,10 +6,13 @@ The composite config holds two sub-configs, like transformers' own vision-langua
   from its ``model_type``), and
 * ``tokenizer_config``: the (frozen) :class:`~adatok_vlm.tokenizer.AdaTokConfig`,
 
-plus the settings of the image modality: the special-token ids (``[BOI]`` opens an image, ``[IMG]`` marks
-each image-token position, ``[EOI]`` closes it), the projector, the image-generation head and the loss
-weights. AdaTok's images are variable-length (paper Sec. 4), so an autoregressive LM must learn *when to
-stop*: the LM itself emits ``[EOI]`` (paper, Limitations a).
+plus the settings of the image modality: the special tokens (``[BOI]`` opens an image, ``[IMG]`` marks
+each image-token position, ``[EOI]`` closes it; their strings are configurable, their ids set by
+``from_text_model``), the projector, the image-generation head and the loss weights. AdaTok's images are
+variable-length (paper Sec. 4), so an autoregressive LM must learn *when to stop*: the LM itself emits
+``[EOI]`` (paper, Limitations a). ``[EOI]`` plays the role the paper calls ``[EOS]``; it is kept distinct
+from the LM's own end-of-text token because an image's end is not the sequence's end: after ``[EOI]`` the
+LM goes on writing text (a caption, an answer, another image), while its end-of-text token stops ``generate``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,20 @@ from .tokenizer import AdaTokConfig
 
 IMAGE_MODES = ("continuous", "discrete")
 BOI_TOKEN, IMG_TOKEN, EOI_TOKEN = "[BOI]", "[IMG]", "[EOI]"
+# Written beside an exported VLM by train_vlm and read by the samplers: the prompt layout of training (templates,
+# add_bos, class names and captions) plus the run's direction, steps and tokenizer, as one flat JSON object. Not
+# the model card's record of every family (``tokenizer.model_card.TRAINING_INFO``, ``{"training", "metrics"}``,
+# written by the training loop beside every exported model): sampling needs this file, a card only reads it.
+VLM_TRAINING_INFO = "vlm_training.json"
+
+
+def check_image_token_strings(strings: dict[str, str], where: str = "") -> None:
+    """``{"boi_token": ..., "img_token": ..., "eoi_token": ...}`` must be three different non-empty strings."""
+    for name, value in strings.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}{name} must be a non-empty string, got {value!r}")
+    if len(set(strings.values())) != len(strings):
+        raise ValueError(f"{where}boi_token, img_token and eoi_token must be three different strings, got {strings}")
 
 
 class AdaTokVLMConfig(PretrainedConfig):
@@ -47,6 +64,9 @@ class AdaTokVLMConfig(PretrainedConfig):
         flow_cfg_scale (`float`): default classifier-free guidance scale (1.0: off).
         text_loss_weight / image_loss_weight / stop_loss_weight (`float`): weights of the text CE, the
             image loss (flow matching, or CE on codes in discrete mode) and the ``[IMG]``/``[EOI]`` stop CE.
+        boi_token / img_token / eoi_token (`str`): the special tokens' strings in the text tokenizer
+            (defaults ``"[BOI]"``, ``"[IMG]"``, ``"[EOI]"``; e.g. ``eoi_token="[EOS]"`` for the paper's name, or
+            an LM's existing ``"<|image_start|>"``-style pair). They are the three roles whatever the strings.
         boi_token_id / img_token_id / eoi_token_id (`int`, *optional*): the special tokens' ids; set by
             :meth:`AdaTokVLMForCausalLM.from_text_model`.
         image_code_offset (`int`, *optional*): discrete mode: vocabulary id of FSQ code 0.
@@ -77,12 +97,19 @@ class AdaTokVLMConfig(PretrainedConfig):
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     stop_loss_weight: float = 1.0
+    boi_token: str = BOI_TOKEN
+    img_token: str = IMG_TOKEN
+    eoi_token: str = EOI_TOKEN
     boi_token_id: int | None = None
     img_token_id: int | None = None
     eoi_token_id: int | None = None
     image_code_offset: int | None = None
     codebook_size: int | None = None
     tie_word_embeddings: bool | None = None
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """No-op: the class lives in the installed package (see ``AdaTokVLMForCausalLM.register_for_auto_class``)."""
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -114,6 +141,7 @@ class AdaTokVLMConfig(PretrainedConfig):
         if not float(self.flow_temperature) > 0 or not float(self.flow_cfg_scale) >= 0:
             raise ValueError("AdaTokVLMConfig needs flow_temperature > 0 and flow_cfg_scale >= 0, got "
                              f"{self.flow_temperature!r}, {self.flow_cfg_scale!r}")
+        check_image_token_strings(self.image_token_strings, "AdaTokVLMConfig.")
         ids = {name: getattr(self, name) for name in ("boi_token_id", "img_token_id", "eoi_token_id")}
         set_ids = [v for v in ids.values() if v is not None]
         if set_ids and len(set_ids) != 3:
@@ -129,8 +157,14 @@ class AdaTokVLMConfig(PretrainedConfig):
 
     @property
     def image_token_ids(self) -> dict[str, int | None]:
-        """``{"[BOI]": id, "[IMG]": id, "[EOI]": id}``."""
+        """``{"[BOI]": id, "[IMG]": id, "[EOI]": id}``, keyed by the roles' default names whatever the strings."""
         return {BOI_TOKEN: self.boi_token_id, IMG_TOKEN: self.img_token_id, EOI_TOKEN: self.eoi_token_id}
+
+    @property
+    def image_token_strings(self) -> dict[str, str]:
+        """``{"boi_token": ..., "img_token": ..., "eoi_token": ...}``: the strings in the text tokenizer (the
+        keyword arguments :class:`~adatok_vlm.processing_vlm.AdaTokVLMProcessor` takes)."""
+        return {"boi_token": self.boi_token, "img_token": self.img_token, "eoi_token": self.eoi_token}
 
     @property
     def has_image_tokens(self) -> bool:
@@ -142,4 +176,5 @@ class AdaTokVLMConfig(PretrainedConfig):
         return self.tokenizer_config.num_latent_tokens
 
 
-__all__ = ["AdaTokVLMConfig", "IMAGE_MODES", "BOI_TOKEN", "IMG_TOKEN", "EOI_TOKEN"]
+__all__ = ["AdaTokVLMConfig", "IMAGE_MODES", "BOI_TOKEN", "IMG_TOKEN", "EOI_TOKEN", "VLM_TRAINING_INFO",
+           "check_image_token_strings"]

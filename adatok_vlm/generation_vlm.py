@@ -165,6 +165,20 @@ class ImageVocabularyLogitsProcessor(LogitsProcessor):
         allowed[self.eoi_token_id] = True
         return scores.masked_fill(inside[:, None] & ~allowed[None, :], -float("inf"))
 
+
+class SuppressImageTokensLogitsProcessor(LogitsProcessor):
+    """Forbids ``token_ids`` everywhere (text generation of a continuous-token VLM: an image's tokens are
+    vectors the flow head writes, never ids ``generate`` can emit; use ``generate_images`` to write one)."""
+
+    def __init__(self, token_ids):
+        self.token_ids = [int(t) for t in token_ids]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.token_ids] = -float("inf")
+        return scores
+
+
 def _check_sampling_args(seed, cfg_scale, num_flow_steps, temperature) -> None:
     """Refuse sampling arguments that would fail deep in a layer or silently become NaN or a default."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
@@ -224,6 +238,84 @@ class AdaTokVLMGenerationMixin(GenerationMixin):
     ``language_model``, ``adatok``, ``projector``, ``image_head``, ``is_discrete``, ``image_code_ids``,
     ``get_input_embeddings`` and ``_check_image_vocab``.
     """
+
+    # ------------------------------------------------------------------ text generation
+    def generate(self, *args, logits_processor: LogitsProcessorList | None = None, **kwargs):
+        """``transformers``' ``generate``, reading the prompt's images (``image_tokens``/``image_lengths`` from
+        :class:`~adatok_vlm.processing_vlm.AdaTokVLMProcessor`, or ``pixel_values``) once in the prefill.
+
+        In continuous mode it writes text only: ``[BOI]``, ``[IMG]`` and ``[EOI]`` are suppressed (an image's
+        tokens are vectors from the flow head; :meth:`generate_images` writes images). In discrete mode
+        ``[IMG]`` is suppressed (images are written as FSQ codes, see :meth:`image_logits_processors`).
+        Batches are left-padded; ``use_cache`` and ``synced_gpus`` work as in ``transformers``.
+        """
+        processors = LogitsProcessorList(logits_processor or [])
+        c = self.config
+        if c.has_image_tokens:
+            banned = [c.img_token_id] if self.is_discrete else [c.boi_token_id, c.img_token_id, c.eoi_token_id]
+            processors.append(SuppressImageTokensLogitsProcessor(banned))
+        return super().generate(*args, logits_processor=processors, **kwargs)
+
+    @torch.no_grad()
+    def answer(self, processor, images, question: str = "", num_image_tokens=None, max_new_tokens: int = 32,
+               prompt_template: str | None = None, chat: bool | None = None, **generate_kwargs) -> list[str]:
+        """Answer ``question`` about each image (greedy by default): one string per image.
+
+        Args:
+            processor: the model's :class:`~adatok_vlm.processing_vlm.AdaTokVLMProcessor`.
+            images: one image or a list/batch (anything the image processor reads).
+            question: the text after the image (``""``: a caption, see :meth:`caption`).
+            num_image_tokens: ``"auto"`` (the policy), an int, ``{"max_mse": x}`` or ``{"mean_budget": n}``;
+                default: the processor's.
+            prompt_template: the prompt with ``{image}`` and ``{question}``, e.g. ``"{image}{question}"`` (the
+                layout ``train_vlm``'s i2t default trains). Default: the LM's chat template when its tokenizer
+                has one (``chat``), else ``"{image}{question}"``.
+            chat: use the tokenizer's chat template (default: when it has one and no template is given).
+            generate_kwargs: passed to :meth:`generate` (``do_sample``, ``num_beams``...).
+        """
+        tok = processor.tokenizer
+        if isinstance(images, (list, tuple)):
+            count = len(images)
+        elif isinstance(images, torch.Tensor) and images.dim() == 4:
+            count = images.shape[0]
+        else:
+            images, count = [images], 1
+        text, text_kwargs = self.answer_prompt(processor, question, prompt_template, chat)
+        inputs = processor(text=[text] * count, images=images, num_image_tokens=num_image_tokens,
+                           padding_side="left", **text_kwargs)
+        device = self.language_model.device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        generate_kwargs = {"do_sample": False, "pad_token_id": pad, "eos_token_id": tok.eos_token_id,
+                           **generate_kwargs}
+        out = self.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return [t.strip() for t in tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+    @staticmethod
+    def answer_prompt(processor, question: str = "", prompt_template: str | None = None,
+                      chat: bool | None = None) -> tuple[str, dict]:
+        """``(text, tokenizer kwargs)``: the prompt :meth:`answer` gives the processor for one image."""
+        tok = processor.tokenizer
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        if chat is None:
+            chat = prompt_template is None and getattr(tok, "chat_template", None) is not None
+        if chat:
+            if getattr(tok, "chat_template", None) is None:
+                raise ValueError("chat=True needs a text tokenizer with a chat_template")
+            content = processor.image_token + ("\n" + question if question else "")
+            text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                           add_generation_prompt=True)
+            return text, {"add_special_tokens": False}   # the template wrote BOS and the like itself
+        template = "{image}{question}" if prompt_template is None else prompt_template
+        if not isinstance(template, str) or template.count("{image}") != 1:
+            raise ValueError(f"prompt_template must hold '{{image}}' once, got {prompt_template!r}")
+        return template.format(image=processor.image_token, question=question), {}
+
+    def caption(self, processor, images, num_image_tokens=None, max_new_tokens: int = 32, **kwargs) -> list[str]:
+        """A caption per image: :meth:`answer` with no question."""
+        return self.answer(processor, images, "", num_image_tokens=num_image_tokens, max_new_tokens=max_new_tokens,
+                           **kwargs)
 
     # ------------------------------------------------------------------ generation helpers
     def prepare_inputs_for_generation(self, input_ids, *args, image_tokens=None, image_lengths=None,
@@ -379,6 +471,12 @@ class AdaTokVLMGenerationMixin(GenerationMixin):
         attention_mask = self._check_prompts(input_ids, attention_mask)
         self._check_prompt_vocab(input_ids)
         _check_sampling_args(seed, cfg_scale, num_flow_steps, temperature)
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
+        if do_sample and (isinstance(stop_temperature, bool) or not isinstance(stop_temperature, numbers.Real)
+                          or not math.isfinite(stop_temperature) or stop_temperature <= 0):
+            raise ValueError(f"stop_temperature must be a finite number > 0 with do_sample=True (it divides the "
+                             f"[IMG]/[EOI] logits; 0 or NaN would never stop), got {stop_temperature!r}")
         device = self.language_model.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         batch = input_ids.shape[0]
@@ -508,6 +606,7 @@ __all__ = [
     "ImageVocabularyLogitsProcessor",
     "MaxImageTokensLogitsProcessor",
     "MinImageTokensLogitsProcessor",
+    "SuppressImageTokensLogitsProcessor",
     "all_ranks_done",
     "image_span_state",
     "position_ids_from_mask",

@@ -19,24 +19,33 @@ speed-up of adaptive tokens comes from.
 * **Training.** ``loss = w_text * CE(text) + w_image * flow(image) + w_stop * CE([IMG] vs [EOI])``; the
   stop target at each image position is ``[IMG]`` except after the last token, where it is ``[EOI]``.
 
-The file reads bottom-up: helpers, projector, outputs, the model, Auto-class registration. The generation
-loop and its logits processors live in :mod:`adatok_vlm.generation_vlm` (mixed into the model), the LoRA
-helpers in :mod:`adatok_vlm.peft_vlm`; both are re-exported here.
+The file reads bottom-up: helpers, projector, outputs, the model. The generation loop and its logits
+processors live in :mod:`adatok_vlm.generation_vlm` (mixed into the model; re-exported here), the LoRA
+helpers in :mod:`adatok_vlm.peft_vlm`, packing image tokens (``pack_image_tokens``) in the tokenizer beside
+``token_mask``, and the Auto-class registration of every model family in :mod:`adatok_vlm.registration`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .configuration_vlm import BOI_TOKEN, EOI_TOKEN, IMG_TOKEN, AdaTokVLMConfig
+from .configuration_vlm import (
+    BOI_TOKEN,
+    EOI_TOKEN,
+    IMG_TOKEN,
+    VLM_TRAINING_INFO,
+    AdaTokVLMConfig,
+    check_image_token_strings,
+)
 from .flow_head import AdaLNResBlock, FinalLayer, FlowHead
 from .generation_vlm import (
     AdaTokVLMGenerationMixin,
@@ -48,7 +57,7 @@ from .generation_vlm import (
     image_span_state,
     position_ids_from_mask,
 )
-from .tokenizer import AdaTokModel, token_mask
+from .tokenizer import AdaTokModel, pack_image_tokens
 
 IGNORE_INDEX = -100
 
@@ -56,17 +65,32 @@ IGNORE_INDEX = -100
 # ============================================================================================
 # helpers
 # ============================================================================================
-def pack_image_tokens(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Padded ``tokens [B, L, D]`` + ``lengths [B]`` -> packed ``[sum(lengths), D]`` (image order kept)."""
-    return tokens[token_mask(lengths.to(tokens.device), tokens.shape[1])]
+def add_image_tokens(text_tokenizer: PreTrainedTokenizerBase, strings: dict[str, str],
+                     reuse_existing_tokens: bool = False) -> dict[str, int]:
+    """Put the three image tokens into ``text_tokenizer`` (in place); ``{"boi_token": id, ...}``.
 
-
-def unpack_image_tokens(packed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Packed ``[sum(lengths), D]`` -> padded ``[B, max(lengths), D]`` (zeros past each length)."""
-    lengths = lengths.to(packed.device)
-    out = packed.new_zeros(lengths.shape[0], int(lengths.max()), packed.shape[-1])
-    out[token_mask(lengths, out.shape[1])] = packed
-    return out
+    ``strings`` maps ``boi_token``/``img_token``/``eoi_token`` to their strings. New strings become special
+    tokens (never split, never merged with the text around them). A string that is already one token of the
+    vocabulary is refused unless ``reuse_existing_tokens``, which keeps its id: reusing an LM's own image pair
+    is a choice, reusing ``"</s>"`` by accident would make every image end the text.
+    """
+    check_image_token_strings(strings)
+    if strings["eoi_token"] in (text_tokenizer.eos_token, text_tokenizer.pad_token):
+        raise ValueError(f"eoi_token={strings['eoi_token']!r} is the text tokenizer's end-of-text or padding token; "
+                         "an image's end must be its own token (after it the LM goes on with text)")
+    vocab = text_tokenizer.get_vocab()
+    existing = {name: value for name, value in strings.items() if value in vocab}
+    if existing and not reuse_existing_tokens:
+        raise ValueError(f"the text tokenizer already has {existing} as token(s); pass reuse_existing_tokens=True "
+                         "to use them as the image tokens, or choose other strings")
+    # Existing strings are registered too (their ids stay): as special tokens they are never split.
+    text_tokenizer.add_special_tokens({"extra_special_tokens": list(strings.values())},
+                                      replace_extra_special_tokens=False)
+    ids = {name: text_tokenizer.convert_tokens_to_ids(value) for name, value in strings.items()}
+    for name, value in strings.items():
+        if text_tokenizer(value, add_special_tokens=False)["input_ids"] != [ids[name]]:
+            raise ValueError(f"{name}={value!r} does not tokenize to one token in the text tokenizer")
+    return ids
 
 
 # ============================================================================================
@@ -198,22 +222,114 @@ class AdaTokVLMForCausalLM(AdaTokVLMPreTrainedModel, AdaTokVLMGenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, after checking the folder: it exists (a missing local path is a
+        ``FileNotFoundError`` with no hub request), holds a ``config.json`` object of ``model_type``
+        ``"adatok_vlm"`` (an AdaTok tokenizer or DiT folder is refused before anything is built) and readable
+        safetensors weights. ``subfolder=`` works as in ``transformers``; nothing downloads unless
+        ``local_files_only=False``."""
+        from transformers import PretrainedConfig
+
+        from .tokenizer.loading import check_pretrained_folder, check_weight_files
+
+        kwargs.setdefault("local_files_only", True)
+        if kwargs.get("use_safetensors", True) is False:
+            raise ValueError("use_safetensors=False: AdaTokVLMForCausalLM loads safetensors weights only (pickled "
+                             "weights can run code when loaded); drop the argument")
+        folder = check_pretrained_folder(
+            pretrained_model_name_or_path, cls.config_class.model_type, kwargs.get("subfolder", ""), cls.__name__,
+            need_config=not isinstance(kwargs.get("config"), PretrainedConfig), cache_dir=kwargs.get("cache_dir"),
+            revision=kwargs.get("revision"), local_files_only=kwargs["local_files_only"])
+        if folder is not None:
+            check_weight_files(folder, cls.__name__)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
         model.adatok.requires_grad_(False)  # loading re-creates parameters; AdaTok stays frozen
         return loaded
+
+    # ------------------------------------------------------------------ saving
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        """No-op. transformers calls it after a ``trust_remote_code`` load so that saving copies the class's
+        source file; ours lives in the installed package and :meth:`save_pretrained` writes the ``auto_map``."""
+
+    def save_pretrained(self, save_directory, *args, model_card: dict | None = None, **kwargs):
+        """``PreTrainedModel.save_pretrained`` (safetensors), plus a ``README.md`` model card (config summary,
+        the AdaTok preset, training data/steps/metrics from ``model_card={"training": {...}, "metrics": {...}}``
+        or the ``training_info.json`` and ``vlm_training.json`` already in the folder) and the ``auto_map`` that
+        loads the folder without ``import adatok_vlm`` (with ``trust_remote_code=True``). ``push_to_hub=True``
+        pushes all of it."""
+        from .tokenizer.model_card import card_sections, write_auto_map
+
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token") if k in kwargs}
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_auto_map(save_directory, {"AutoConfig": "AdaTokVLMConfig",
+                                            "AutoModelForCausalLM": "AdaTokVLMForCausalLM"})
+            self.write_model_card(save_directory, *card_sections(save_directory, model_card))
+        if push_to_hub:
+            self.push_to_hub(hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                             **hub_kwargs)
+        return result
+
+    def write_model_card(self, save_directory, training: dict | None = None, metrics: dict | None = None):
+        """Write ``save_directory/README.md`` for this VLM (see :mod:`adatok_vlm.tokenizer.model_card`); the
+        training section adds what :data:`VLM_TRAINING_INFO` in the folder records (direction, prompt layout)."""
+        from .tokenizer.configuration_adatok import ADATOK_PRESETS
+        from .tokenizer.model_card import closest_preset, read_training_info, write_model_card
+
+        c, lm_config = self.config, self.language_model.config
+        tc = c.tokenizer_config
+        preset, overrides = closest_preset(tc.to_dict(), ADATOK_PRESETS)
+        info = read_training_info(save_directory, VLM_TRAINING_INFO)
+        training = {**{k: info[k] for k in ("direction", "steps", "finetune", "tokenizer", "class_names",
+                                            "t2i_template", "i2t_template") if k in info}, **(training or {})}
+        summary = {
+            "language model": f"{lm_config.model_type} ({self.language_model.num_parameters():,} parameters)",
+            "LM hidden size / layers": f"{self.lm_hidden_size} / {getattr(lm_config, 'num_hidden_layers', '?')}",
+            "vocabulary (with image tokens)": self.vocab_size,
+            "image_mode": c.image_mode,
+            "image tokens (BOI / IMG / EOI)": f"{c.boi_token} / {c.img_token} / {c.eoi_token}",
+            "token ids": f"{c.boi_token_id} / {c.img_token_id} / {c.eoi_token_id}",
+            "AdaTok image size": tc.image_size,
+            "max image tokens (m)": tc.num_latent_tokens,
+            "token_dim": tc.token_dim,
+            "AdaTok length policy": bool(getattr(self.adatok, "has_policy", False)),
+            "flow head (depth, Euler steps)": f"{c.flow_head_depth}, {c.num_flow_steps}" if self.image_head else "-",
+            "loss weights (text, image, stop)": f"{c.text_loss_weight}, {c.image_loss_weight}, {c.stop_loss_weight}",
+        }
+        usage = ("import adatok_vlm, transformers\n"
+                 "vlm = transformers.AutoModelForCausalLM.from_pretrained(FOLDER)\n"
+                 "processor = transformers.AutoProcessor.from_pretrained(FOLDER)   # finds the AdaTok in the VLM\n"
+                 "print(vlm.caption(processor, [image]))                           # image -> text\n"
+                 "enc = vlm.generate_images(prompt_ids)                            # text -> image, stops at "
+                 f"{c.eoi_token}\n"
+                 "images = processor.decode_images(enc)")
+        description = (f"An AdaTok VLM: a causal LM ({lm_config.model_type}) that reads and writes images as "
+                       f"variable-length AdaTok tokens, {c.boi_token} z_1..z_L {c.eoi_token}, L chosen per image by "
+                       "AdaTok's length policy. The LM decides when an image ends by emitting "
+                       f"{c.eoi_token} (the paper's [EOS] role; distinct from the LM's end-of-text token).")
+        return write_model_card(save_directory, c.model_type, "AdaTok VLM", description, summary,
+                                preset=preset, overrides=overrides, training=training or None, metrics=metrics,
+                                usage=usage, tags=["vision-language", "image-tokenizer"],
+                                pipeline_tag="image-text-to-text")
 
     # ------------------------------------------------------------------ construction from parts
     @classmethod
     def from_text_model(cls, language_model: PreTrainedModel, adatok: AdaTokModel,
                         text_tokenizer: PreTrainedTokenizerBase, image_mode: str = "continuous",
-                        **config_kwargs) -> "AdaTokVLMForCausalLM":
+                        boi_token: str = BOI_TOKEN, img_token: str = IMG_TOKEN, eoi_token: str = EOI_TOKEN,
+                        reuse_existing_tokens: bool = False, **config_kwargs) -> "AdaTokVLMForCausalLM":
         """Give a causal LM the image modality.
 
-        Adds ``[BOI]``, ``[IMG]``, ``[EOI]`` to ``text_tokenizer`` as special tokens (in place), resizes the
-        LM's embeddings (and, in discrete mode, appends AdaTok's FSQ codebook to the vocabulary), stores the
-        ids in the config and wraps the parts. ``config_kwargs`` set any other
+        Adds the three image tokens (``boi_token``, ``img_token``, ``eoi_token``; by default ``[BOI]``,
+        ``[IMG]``, ``[EOI]``) to ``text_tokenizer`` as special tokens (in place), resizes the LM's embeddings
+        (and, in discrete mode, appends AdaTok's FSQ codebook to the vocabulary), stores the strings and ids in
+        the config and wraps the parts. A string the tokenizer already holds as one token (an LM's own
+        ``<|image_start|>``/``<|image_end|>`` pair, say) is an error unless ``reuse_existing_tokens=True``, which
+        takes its existing id (and embedding row) instead of adding a new one. ``eoi_token`` may never be the
+        LM's end-of-text token: an image's end is not the text's end. ``config_kwargs`` set any other
         :class:`AdaTokVLMConfig` field (head size, loss weights...). The LM keeps its weights; AdaTok is frozen.
         """
         if not isinstance(language_model, PreTrainedModel) or language_model.get_input_embeddings() is None:
@@ -230,9 +346,8 @@ class AdaTokVLMForCausalLM(AdaTokVLMPreTrainedModel, AdaTokVLMGenerationMixin):
             raise ValueError("image_mode='discrete' needs an FSQ AdaTok (config.bottleneck='fsq'); "
                              "use image_mode='continuous' for continuous tokens")
 
-        text_tokenizer.add_special_tokens({"extra_special_tokens": [BOI_TOKEN, IMG_TOKEN, EOI_TOKEN]},
-                                          replace_extra_special_tokens=False)
-        ids = {name: text_tokenizer.convert_tokens_to_ids(name) for name in (BOI_TOKEN, IMG_TOKEN, EOI_TOKEN)}
+        strings = {"boi_token": boi_token, "img_token": img_token, "eoi_token": eoi_token}
+        ids = add_image_tokens(text_tokenizer, strings, reuse_existing_tokens)
         vocab = max(len(text_tokenizer), language_model.get_input_embeddings().num_embeddings)
         if image_mode == "discrete":
             config_kwargs.update(image_code_offset=vocab, codebook_size=adatok.bottleneck.codebook_size)
@@ -247,8 +362,8 @@ class AdaTokVLMForCausalLM(AdaTokVLMPreTrainedModel, AdaTokVLMGenerationMixin):
         # A composite config resets its sub-configs' attention implementation: keep the LM's own choice.
         attn_implementation = language_model.config._attn_implementation
         config = AdaTokVLMConfig(text_config=language_model.config, tokenizer_config=adatok.config,
-                                 image_mode=image_mode, boi_token_id=ids[BOI_TOKEN], img_token_id=ids[IMG_TOKEN],
-                                 eoi_token_id=ids[EOI_TOKEN], **config_kwargs)
+                                 image_mode=image_mode, **strings, boi_token_id=ids["boi_token"],
+                                 img_token_id=ids["img_token"], eoi_token_id=ids["eoi_token"], **config_kwargs)
         language_model.config._attn_implementation_internal = attn_implementation
         model = cls(config, language_model=language_model, adatok=adatok)
         reference = language_model.get_input_embeddings().weight
@@ -339,6 +454,10 @@ class AdaTokVLMForCausalLM(AdaTokVLMPreTrainedModel, AdaTokVLMGenerationMixin):
             raise ValueError(f"input_ids hold {num_positions} {IMG_TOKEN} positions but image_tokens has "
                              f"{image_tokens.shape[0]} rows; every image needs one {IMG_TOKEN} per token "
                              "(AdaTokVLMProcessor expands each <image> accordingly)")
+        if not bool(torch.isfinite(image_tokens).all()):
+            bad = int((~torch.isfinite(image_tokens)).any(-1).sum())
+            raise ValueError(f"image_tokens hold NaN or inf values ({bad} of {image_tokens.shape[0]} rows); every image "
+                             "token must be finite (were they encoded from NaN pixels, or by a diverged AdaTok?)")
         if image_lengths is not None and int(image_lengths.sum()) != image_tokens.shape[0]:
             raise ValueError(f"image_lengths sum to {int(image_lengths.sum())} but image_tokens has "
                              f"{image_tokens.shape[0]} rows")
@@ -518,23 +637,6 @@ class AdaTokVLMForCausalLM(AdaTokVLMPreTrainedModel, AdaTokVLMGenerationMixin):
         return {name: F.cross_entropy(lg[sel], tgt[sel]) if sel.any() else None
                 for name, sel in (("text_loss", text), ("image_loss", image), ("stop_loss", stop))}
 
-# ============================================================================================
-# Auto-class registration
-# ============================================================================================
-def register() -> None:
-    """Register the VLM with ``AutoConfig``, ``AutoModelForCausalLM`` and ``AutoProcessor`` (idempotent)."""
-    from transformers import AutoProcessor
-
-    from .processing_vlm import AdaTokVLMProcessor
-
-    AutoConfig.register(AdaTokVLMConfig.model_type, AdaTokVLMConfig, exist_ok=True)
-    AutoModelForCausalLM.register(AdaTokVLMConfig, AdaTokVLMForCausalLM, exist_ok=True)
-    AutoProcessor.register(AdaTokVLMConfig, AdaTokVLMProcessor, exist_ok=True)
-
-
-# The LoRA helpers take the model class defined above (imported last: peft_vlm imports this module lazily).
-from .peft_vlm import apply_lora, load_lora  # noqa: E402
-
 
 __all__ = [
     "AdaTokVLMForCausalLM",
@@ -547,11 +649,6 @@ __all__ = [
     "ImageVocabularyLogitsProcessor",
     "MaxImageTokensLogitsProcessor",
     "MinImageTokensLogitsProcessor",
-    "apply_lora",
     "image_span_state",
-    "load_lora",
-    "pack_image_tokens",
     "position_ids_from_mask",
-    "register",
-    "unpack_image_tokens",
 ]

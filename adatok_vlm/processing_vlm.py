@@ -22,9 +22,9 @@ from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_vlm import BOI_TOKEN, EOI_TOKEN, IMG_TOKEN
-from .modeling_vlm import pack_image_tokens, unpack_image_tokens
-from .tokenizer import AdaTokEncoding, AdaTokModel
+from .configuration_vlm import BOI_TOKEN, EOI_TOKEN, IMG_TOKEN, check_image_token_strings
+from .tokenizer import AdaTokEncoding, AdaTokModel, pack_image_tokens, unpack_image_tokens
+from .tokenizer.image_processing_adatok import AdaTokImageProcessor
 from .tokenizer.validation import _describe, check_lengths, resolve_num_tokens
 
 ADATOK_SUBFOLDER = "adatok"
@@ -40,7 +40,10 @@ class AdaTokVLMProcessor(ProcessorMixin):
         adatok (`AdaTokModel`, *optional*): the frozen tokenizer that encodes and decodes images. Without it
             the processor still expands text for given ``image_encoding``s.
         image_token (`str`): the placeholder in the text, ``"<image>"`` by default.
-        num_image_tokens: default length rule, ``"auto"`` (the AdaTok policy; needs one) or an int.
+        num_image_tokens: default length rule: ``"auto"`` (the AdaTok policy; needs one), an int, or the
+            quality dial ``{"max_mse": x}`` / ``{"mean_budget": n}`` (AdaTok's ``encode`` reads them).
+        boi_token / img_token / eoi_token (`str`): the image tokens' strings, as in the VLM's config
+            (``vlm.config.image_token_strings``; defaults ``[BOI]``, ``[IMG]``, ``[EOI]``).
 
     Example::
 
@@ -52,17 +55,31 @@ class AdaTokVLMProcessor(ProcessorMixin):
     model_input_names = ["input_ids", "attention_mask", "image_tokens", "image_lengths"]
 
     def __init__(self, image_processor=None, tokenizer=None, adatok: AdaTokModel | None = None,
-                 image_token: str = "<image>", num_image_tokens="auto", chat_template=None, **kwargs):
+                 image_token: str = "<image>", num_image_tokens="auto", chat_template=None,
+                 boi_token: str = BOI_TOKEN, img_token: str = IMG_TOKEN, eoi_token: str = EOI_TOKEN, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         if adatok is not None and not isinstance(adatok, AdaTokModel):
             raise TypeError(f"adatok must be an AdaTokModel or None, got {type(adatok).__name__}")
         if not isinstance(image_token, str) or not image_token:
             raise ValueError(f"image_token must be a non-empty string, got {image_token!r}")
+        strings = {"boi_token": boi_token, "img_token": img_token, "eoi_token": eoi_token}
+        check_image_token_strings(strings)
+        if image_token in strings.values():
+            raise ValueError(f"image_token {image_token!r} must differ from the image tokens {strings}")
         self._check_length_rule(num_image_tokens, "num_image_tokens")
         # Kept out of __dict__'s serialisable names: a model is not processor config.
         self._adatok = adatok
         self.image_token = image_token
         self.num_image_tokens = num_image_tokens
+        self.boi_token, self.img_token, self.eoi_token = boi_token, img_token, eoi_token
+
+    @classmethod
+    def from_model(cls, vlm, tokenizer, image_processor=None, **kwargs) -> "AdaTokVLMProcessor":
+        """The processor of ``vlm`` (an :class:`AdaTokVLMForCausalLM`): its AdaTok (shared, not copied), its image
+        token strings, and an :class:`AdaTokImageProcessor` at AdaTok's image size unless one is given."""
+        if image_processor is None:
+            image_processor = AdaTokImageProcessor(size=vlm.config.tokenizer_config.image_size)
+        return cls(image_processor, tokenizer, vlm.adatok, **{**vlm.config.image_token_strings, **kwargs})
 
     # ------------------------------------------------------------------ the parts
     @property
@@ -76,14 +93,17 @@ class AdaTokVLMProcessor(ProcessorMixin):
         self._adatok = value
 
     def special_token_ids(self) -> dict[str, int]:
-        """The ids of ``[BOI]``, ``[IMG]``, ``[EOI]`` in the text tokenizer; a clear error if any is missing."""
+        """``{"[BOI]": id, "[IMG]": id, "[EOI]": id}`` (keyed by role) of this processor's image token strings in
+        the text tokenizer; a clear error if any is missing."""
         ids = {}
         vocab = self.tokenizer.get_vocab()
-        for name in (BOI_TOKEN, IMG_TOKEN, EOI_TOKEN):
+        for role, name in ((BOI_TOKEN, self.boi_token), (IMG_TOKEN, self.img_token), (EOI_TOKEN, self.eoi_token)):
             if name not in vocab:
                 raise ValueError(f"the text tokenizer has no {name} token; AdaTokVLMForCausalLM.from_text_model(lm, "
-                                 f"adatok, text_tokenizer) adds {BOI_TOKEN}, {IMG_TOKEN} and {EOI_TOKEN} to it")
-            ids[name] = vocab[name]
+                                 f"adatok, text_tokenizer) adds {self.boi_token}, {self.img_token} and "
+                                 f"{self.eoi_token} to it (build the processor with the model's token strings: "
+                                 "AdaTokVLMProcessor.from_model(vlm, tokenizer))")
+            ids[role] = vocab[name]
         return ids
 
     def _require_adatok(self, what: str) -> AdaTokModel:
@@ -209,11 +229,11 @@ class AdaTokVLMProcessor(ProcessorMixin):
         found = (input_ids == ids[IMG_TOKEN]).sum(dim=1)
         expected = torch.tensor([self._row_tokens(t, encoding, texts) for t in range(len(texts))])
         if not torch.equal(found.cpu(), expected):
-            raise ValueError(f"the tokenized text holds {found.tolist()} {IMG_TOKEN} tokens per row but the images "
+            raise ValueError(f"the tokenized text holds {found.tolist()} {self.img_token} tokens per row but the images "
                              f"have {expected.tolist()}; the text may be truncated (raise max_length) or contain a "
-                             f"literal {IMG_TOKEN}")
-        for name in (BOI_TOKEN, EOI_TOKEN):
-            count = int((input_ids == ids[name]).sum())
+                             f"literal {self.img_token}")
+        for role, name in ((BOI_TOKEN, self.boi_token), (EOI_TOKEN, self.eoi_token)):
+            count = int((input_ids == ids[role]).sum())
             if count != num_images:
                 raise ValueError(f"the tokenized text holds {count} {name} tokens for {num_images} image(s)")
         data.update(text_inputs)
@@ -225,7 +245,7 @@ class AdaTokVLMProcessor(ProcessorMixin):
             parts = t.split(self.image_token)
             out = parts[0]
             for part in parts[1:]:
-                out += BOI_TOKEN + IMG_TOKEN * lengths[k] + EOI_TOKEN + part
+                out += self.boi_token + self.img_token * lengths[k] + self.eoi_token + part
                 k += 1
             expanded.append(out)
         return expanded
@@ -247,21 +267,88 @@ class AdaTokVLMProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Save the image processor, the tokenizer, ``processor_config.json`` and AdaTok in ``adatok/``."""
-        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        from .tokenizer.model_card import write_auto_map
+
+        files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         if self._adatok is not None:
             self._adatok.save_pretrained(os.path.join(save_directory, ADATOK_SUBFOLDER))
+        # Without `import adatok_vlm`, AutoProcessor would fall back to a plain text tokenizer: the auto_map
+        # makes it ask for trust_remote_code=True (then load this class through the installed package).
+        write_auto_map(save_directory, {"AutoProcessor": "AdaTokVLMProcessor"}, json_files=("processor_config.json",))
+        if push_to_hub:
+            self.push_to_hub(kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory))))
         return files
 
     @classmethod
+    def register_for_auto_class(cls, auto_class="AutoProcessor"):
+        """No-op: the class lives in the installed package; :meth:`save_pretrained` writes the ``auto_map``."""
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, adatok: AdaTokModel | None = None, **kwargs):
-        """Load a saved processor; AdaTok comes from ``adatok=`` (e.g. ``vlm.adatok``, shared) or ``adatok/``."""
+        """Load a saved processor. AdaTok comes from ``adatok=`` (e.g. ``vlm.adatok``, shared), else from the
+        folder: its ``adatok/`` sub-folder, or the AdaTok inside a saved VLM there (``config.json`` of an
+        ``adatok_vlm`` model plus its weights, as ``train_vlm`` exports it)."""
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if adatok is None:
-            folder = Path(pretrained_model_name_or_path) / ADATOK_SUBFOLDER
-            if folder.is_dir():
-                adatok = AdaTokModel.from_pretrained(folder).eval()
+            folder = Path(pretrained_model_name_or_path)
+            if kwargs.get("subfolder"):
+                folder = folder / kwargs["subfolder"]
+            if (folder / ADATOK_SUBFOLDER).is_dir():
+                adatok = AdaTokModel.from_pretrained(folder / ADATOK_SUBFOLDER).eval()
+            else:
+                adatok = adatok_from_vlm_folder(folder)
         processor.adatok = adatok
         return processor
 
 
-__all__ = ["AdaTokVLMProcessor"]
+def adatok_from_vlm_folder(folder: str | Path) -> AdaTokModel | None:
+    """The frozen AdaTok of a VLM saved in ``folder`` (``AdaTokVLMForCausalLM.save_pretrained``), read from its
+    ``config.json`` (``tokenizer_config``) and the ``adatok.*`` tensors of its safetensors weights, without
+    building the LM; ``None`` when ``folder`` holds no saved VLM."""
+    import json
+
+    from safetensors import safe_open
+
+    from .configuration_vlm import AdaTokVLMConfig
+    from .tokenizer import AdaTokConfig
+
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OSError(f"{config_file} is not valid JSON ({err}); re-save the model") from err
+    if not isinstance(config, dict) or config.get("model_type") != AdaTokVLMConfig.model_type:
+        return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({f for key, f in weight_map.items() if key.startswith("adatok.")})
+    else:
+        files = ["model.safetensors"]
+    prefix = "adatok."
+    state = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the saved VLM's weights (holding its AdaTok) are missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith(prefix):
+                        state[key[len(prefix):]] = f.get_tensor(key)
+        except Exception as err:   # safetensors raises its own error type on a damaged file
+            raise OSError(f"{path}: cannot read the VLM weights ({err}); the file is damaged, re-save the model") from err
+    if not state:
+        raise ValueError(f"{folder}: the saved VLM's weights hold no adatok.* tensors; pass adatok= (e.g. vlm.adatok)")
+    adatok = AdaTokModel(AdaTokConfig.from_dict(config["tokenizer_config"]))
+    result = adatok.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{folder}: the AdaTok weights inside the VLM do not fit its tokenizer_config: missing "
+                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return adatok.eval().requires_grad_(False)
+
+
+__all__ = ["AdaTokVLMProcessor", "adatok_from_vlm_folder"]

@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .configuration_vlm import VLM_TRAINING_INFO
 from .vlm_data import DEFAULT_TEMPLATES, left_pad, prompt_ids
-
-TRAINING_INFO = "vlm_training.json"   # written beside the model by train_vlm: how prompts looked in training
 
 
 # ============================================================================================
@@ -44,7 +43,7 @@ def load_for_sampling(model_dir: str | Path, device: str = "cpu"):
     and the training info (``{}`` for a model that was not written by ``train_vlm``)."""
     from transformers import AutoTokenizer
 
-    from .image_processing_adatok import AdaTokImageProcessor
+    from .tokenizer.image_processing_adatok import AdaTokImageProcessor
     from .modeling_vlm import AdaTokVLMForCausalLM
     from .processing_vlm import AdaTokVLMProcessor
 
@@ -59,7 +58,7 @@ def load_for_sampling(model_dir: str | Path, device: str = "cpu"):
         tok = AutoTokenizer.from_pretrained(model_dir)
         processor = AdaTokVLMProcessor(AdaTokImageProcessor(size=vlm.config.tokenizer_config.image_size), tok,
                                        vlm.adatok)
-    info_file = model_dir / TRAINING_INFO
+    info_file = model_dir / VLM_TRAINING_INFO
     info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
     return vlm, processor, info
 
@@ -132,7 +131,7 @@ def sample(args: argparse.Namespace) -> dict:
                             "sample": k, "file": str(path), "num_tokens": int(length)})
             print(f"{path}  tokens={length}  prompt={prompts[p]!r}")
 
-    from .generator.sample_c2i import class_grid
+    from .training.visualize import class_grid
 
     pictures = np.stack(pictures)
     labels = [p for p, _ in rows]

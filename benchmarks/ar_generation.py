@@ -33,6 +33,10 @@ from adatok_vlm.modeling_vlm import AdaTokVLMForCausalLM
 
 PROMPT_WORDS = ["a", "cat", "dog", "red", "blue", "small", "large", "shoe", "bag", "shirt", "on", "the", "grass"]
 TARGET_TOLERANCE = 0.2  # measured speed-up within 20% of L_max / mean(L)
+FORCED_LENGTHS_NOTE = ("What this measures: a random, untrained VLM whose lengths are drawn from the histogram and "
+                       "forced through `num_image_tokens` (`[EOI]` is written after L sampled tokens), against the "
+                       "same model forced to m: the cost of L generation steps instead of m. A trained LM's own stop "
+                       "decision is not measured here.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,6 +150,8 @@ def markdown(result: dict) -> str:
         + (f"speed-up L_max / mean(L) = {result['ideal_speedup']:.2f}." if s["batch_size"] == 1 else
            f"speed-up L_max / mean(longest L per batch) = {result['ideal_speedup']:.2f} (a batch runs until its "
            "longest image stops)."),
+        "",
+        FORCED_LENGTHS_NOTE,
         "",
         "| generation | KV cache | images/s | ms / image | mean tokens | speed-up vs forced m | / ideal |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

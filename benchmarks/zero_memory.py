@@ -1,7 +1,9 @@
 """Per-rank memory of parameters + gradients + optimizer state without ZeRO, with ZeRO-2 and ZeRO-3.
 
     python benchmarks/zero_memory.py --out benchmarks/results/zero_memory.json
-    python benchmarks/zero_memory.py --models adatok-s --precision fp32 --out /tmp/zm.json
+    python benchmarks/zero_memory.py --precision fp32 --out benchmarks/results/zero_memory_fp32.json
+    python benchmarks/zero_memory.py --render benchmarks/results/zero_memory.json   # re-derive table + checks
+    python benchmarks/zero_memory.py --modes none,zero0,zero2,zero3 --out /tmp/zm_bf16.json   # bf16 like for like
 
 Launches one 2-process job (``torchrun``, gloo on CPU, NCCL on GPUs) that trains two steps of each
 model in each mode, with the same AdamW the trainers use:
@@ -10,9 +12,10 @@ model in each mode, with the same AdamW the trainers use:
   nothing is downloaded), one 256x256 image per rank;
 * ``lm-135m``: a causal LM with SmolLM2-135M's shape (``LlamaConfig``, random init), 32 tokens per rank.
 
-Modes: ``none`` (plain DDP through Accelerate: every rank holds everything), ``zero2`` and ``zero3``
-(``configs/deepspeed/zero2.json`` / ``zero3.json`` through the same ``make_accelerator`` the trainers
-use). Memory is *measured*, not estimated: just before and just after the inner optimizer's
+Modes: ``none`` (plain DDP through Accelerate: every rank holds everything), ``zero0`` (a DeepSpeed
+engine that shards nothing: the unsharded baseline with DeepSpeed's own weight precision; not in the
+default ``--modes``, and not yet run on the 2-core machine), ``zero2`` and ``zero3`` (``configs/deepspeed/zero2.json`` / ``zero3.json`` through the same ``make_accelerator``
+the trainers use). Memory is *measured*, not estimated: just before and just after the inner optimizer's
 ``step`` (when gradients, parameters and optimizer state are all alive) each rank walks the
 module's parameters (their ZeRO-3 shards), their ``.grad`` and every tensor reachable from the
 optimizer wrapper (DeepSpeed's flat fp32 partitions, gradient partitions, Adam moments), counting
@@ -21,7 +24,10 @@ counted. The peak over both steps, the larger of the two ranks, is reported.
 
 ``--precision bf16`` (the default; what the GPU configs run with ``bf16: auto``) keeps DeepSpeed's
 weights in bf16 with fp32 master partitions; the DDP baseline runs fp32 weights under autocast, as
-Accelerate does. Writes FILE.json and FILE.md (a markdown table) beside it.
+Accelerate does. Ratios are like for like: each row is compared with the unsharded row of the same
+model whose weights have the same dtype (fp32 ZeRO against fp32 DDP, bf16 ZeRO against the bf16
+``zero0`` engine); a row without such a baseline shows no ratio, and the ``zero3 <= 0.6x`` checks
+use only like-for-like ratios. Writes FILE.json and FILE.md (a markdown table) beside it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,13 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("none", "zero2", "zero3")
+MODES = ("none", "zero0", "zero2", "zero3")
+DEFAULT_MODES = ("none", "zero2", "zero3")   # zero0 on request: it has not been run on the 2-core machine yet
+UNSHARDED = ("none", "zero0")
+ZERO3_MAX_RATIO = 0.6      # the check: ZeRO-3 keeps at most 0.6x of the unsharded per-rank state (2 ranks)
+ZERO0 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+         "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True}
 MODELS = ("adatok-s", "lm-135m")
 
 
@@ -150,7 +162,8 @@ def run_one(model_name: str, mode: str, precision: str, steps: int = 2) -> dict:
     from adatok_vlm.training.launch import make_accelerator, reset_accelerator_state
 
     reset_accelerator_state()
-    plugin = None if mode == "none" else build_deepspeed_plugin(mode, micro_batch_size=1, grad_clip=1.0)
+    ds_config = {"none": None, "zero0": ZERO0}.get(mode, mode)
+    plugin = None if ds_config is None else build_deepspeed_plugin(ds_config, micro_batch_size=1, grad_clip=1.0)
     accelerator = make_accelerator(precision, deepspeed_plugin=plugin)
     torch.manual_seed(0)
     model, make_batch, loss_fn = build_model(model_name)
@@ -159,6 +172,8 @@ def run_one(model_name: str, mode: str, precision: str, steps: int = 2) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     root = model.module if hasattr(model, "module") else model
+    weights_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        next(root.parameters()).dtype, str(next(root.parameters()).dtype))
     samples = []
     inner = inner_optimizer(optimizer)
     original_step = inner.step
@@ -180,7 +195,8 @@ def run_one(model_name: str, mode: str, precision: str, steps: int = 2) -> dict:
         optimizer.zero_grad()
     inner.step = original_step
     peak = max(samples, key=lambda s: s["total"])
-    record = {"model": model_name, "mode": mode, "precision": precision, "rank": accelerator.process_index,
+    record = {"model": model_name, "mode": mode, "precision": precision, "weights": weights_dtype,
+              "rank": accelerator.process_index,
               "world_size": accelerator.num_processes, "num_parameters": num_params, "num_trainable": num_trainable,
               "peak": peak, "samples": len(samples), "wall_s": time.time() - started}
     accelerator.free_memory()
@@ -211,61 +227,102 @@ def worker(plan_path: str) -> None:
 # the driver
 # ---------------------------------------------------------------------------------------------
 def summarise(records: list[dict]) -> dict:
+    """One row per (model, mode): the larger rank's peak; then the like-for-like ratios and checks."""
     rows = []
     for model in dict.fromkeys(r["model"] for r in records):
-        per_mode = {}
         for mode in MODES:
             ranks = [r for r in records if r["model"] == model and r["mode"] == mode]
-            if ranks:
-                per_mode[mode] = max(ranks, key=lambda r: r["peak"]["total"])
-        base = per_mode.get("none")
-        for mode, r in per_mode.items():
+            if not ranks:
+                continue
+            r = max(ranks, key=lambda r: r["peak"]["total"])
             precision = "fp32" if r["precision"] == "no" else r["precision"]
-            rows.append({"model": model, "mode": mode, "precision": precision, "world_size": r["world_size"],
-                         "num_parameters": r["num_parameters"], "num_trainable": r["num_trainable"],
-                         **{f"{k}_bytes": v for k, v in r["peak"].items()},
-                         "ratio_to_unsharded": r["peak"]["total"] / base["peak"]["total"] if base else None})
-    checks = {f"{r['model']}: zero3 <= 0.6 x unsharded": r["ratio_to_unsharded"] <= 0.6
+            rows.append({"model": model, "mode": mode, "precision": precision, "weights": r["weights"],
+                         "world_size": r["world_size"], "num_parameters": r["num_parameters"],
+                         "num_trainable": r["num_trainable"], **{f"{k}_bytes": v for k, v in r["peak"].items()}})
+    return compare(rows)
+
+
+def weights_dtype(row: dict) -> str:
+    """The dtype the row's module weights had (files written before it was recorded: DDP keeps fp32
+    weights under autocast, a DeepSpeed engine holds weights in its precision)."""
+    if "weights" in row:
+        return row["weights"]
+    return "fp32" if row["mode"] == "none" or row["precision"] == "fp32" else row["precision"]
+
+
+def compare(rows: list[dict]) -> dict:
+    """Each row's total against the unsharded row of the same model *and weight dtype* (None without
+    one), and the ``zero3 <= 0.6x`` check for every ZeRO-3 row that has such a baseline."""
+    for row in rows:
+        row["weights"] = weights_dtype(row)
+        base = [b for b in rows if b["model"] == row["model"] and b["mode"] in UNSHARDED
+                and weights_dtype(b) == row["weights"]]
+        row["baseline_mode"] = base[0]["mode"] if base else None
+        row["ratio_to_unsharded"] = row["total_bytes"] / base[0]["total_bytes"] if base else None
+    checks = {f"{r['model']}: zero3 <= {ZERO3_MAX_RATIO} x unsharded ({r['weights']})":
+              r["ratio_to_unsharded"] <= ZERO3_MAX_RATIO
               for r in rows if r["mode"] == "zero3" and r["ratio_to_unsharded"] is not None}
     return {"rows": rows, "checks": checks}
 
 
 def markdown_table(result: dict) -> str:
     mib = lambda b: f"{b / 2**20:,.0f}"   # noqa: E731
-    lines = ["| model | params (trainable) | mode | precision | weights MiB | .grad MiB | optimizer side MiB "
-             "| total MiB / rank | vs. unsharded |",
-             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | params (trainable) | mode | precision | weights | weights MiB | .grad MiB "
+             "| optimizer side MiB | total MiB / rank | vs. unsharded, same weight dtype |",
+             "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
-        ratio = f"{r['ratio_to_unsharded']:.2f}x" if r["ratio_to_unsharded"] is not None else "-"
+        ratio = (f"{r['ratio_to_unsharded']:.2f}x ({r['baseline_mode']})"
+                 if r["ratio_to_unsharded"] is not None else "- (no unsharded run with these weights)")
         lines.append(f"| {r['model']} | {r['num_parameters'] / 1e6:.1f}M ({r['num_trainable'] / 1e6:.1f}M) | "
-                     f"{r['mode']} | {r['precision']} | "
+                     f"{r['mode']} | {r['precision']} | {r['weights']} | "
                      f"{mib(r['params_bytes'])} | {mib(r['grads_bytes'])} | {mib(r['optimizer_bytes'])} | "
                      f"{mib(r['total_bytes'])} | {ratio} |")
     world = result["rows"][0]["world_size"] if result["rows"] else 2
     lines.append("")
-    lines.append(f"Per-rank peak over two AdamW steps, {world} ranks; largest rank shown. *weights*: the module's "
-                 "parameters (their local shard under ZeRO-3); *.grad*: gradients left on the parameters (DDP); "
-                 "*optimizer side*: every tensor the optimizer wrapper holds (Adam moments, and under ZeRO the "
-                 "fp32 master and gradient partitions). Under bf16 the DeepSpeed engines hold bf16 weights with "
-                 "fp32 master partitions while the DDP baseline keeps fp32 weights under bf16 autocast (Accelerate's "
-                 "mixed precision).")
+    lines.append(f"Per-rank peak over two AdamW steps, {world} ranks; largest rank shown. *weights*: the dtype and bytes "
+                 "of the module's parameters (their local shard under ZeRO-3); *.grad*: gradients left on the "
+                 "parameters (DDP); *optimizer side*: every tensor the optimizer wrapper holds (Adam moments, and under "
+                 "DeepSpeed the fp32 master and gradient partitions). Under bf16 the DeepSpeed engines hold bf16 weights "
+                 "with fp32 master partitions while the DDP baseline (`none`) keeps fp32 weights under bf16 autocast "
+                 "(Accelerate's mixed precision), so a bf16 ZeRO row is compared with the unsharded bf16 DeepSpeed "
+                 "engine (`zero0`), never with `none`.")
     lines.append("")
-    lines.append("Checks: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in result["checks"].items()))
+    lines.append("Checks: " + (", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in result["checks"].items())
+                               or "none (no like-for-like baseline)"))
+    if result.get("command"):
+        lines += ["", f"Command: `{result['command']}`"]
+    if result.get("rendered_by"):
+        lines += ["", f"Ratios and checks re-derived from the measured bytes by `{result['rendered_by']}`."]
     return "\n".join(lines) + "\n"
+
+
+def render(path: Path) -> dict:
+    """Re-derive the ratios, checks and table of an existing result file (no new measurement)."""
+    result = json.loads(path.read_text())
+    result.update(compare(result["rows"]))
+    result["rendered_by"] = f"python benchmarks/zero_memory.py --render {path}"
+    path.write_text(json.dumps(result, indent=2))
+    path.with_suffix(".md").write_text(markdown_table(result))
+    print(markdown_table(result))
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/zero_memory.json")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--render", default=None, metavar="FILE.json",
+                        help="re-derive the like-for-like ratios, checks and .md of an existing result file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker)
         return {}
+    if args.render:
+        return render(Path(args.render))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plan_path = out.with_suffix(".plan.json")

@@ -6,7 +6,7 @@
 * :class:`LengthSampler`: per-class token-length histograms for generation.
 * :class:`ClassToImagePipeline`: class label -> tokens -> image.
 
-``register()`` adds the DiT to ``transformers.AutoConfig`` / ``AutoModel`` (``import adatok_vlm`` calls it).
+``import adatok_vlm`` adds the DiT to ``transformers.AutoConfig`` / ``AutoModel`` (:mod:`adatok_vlm.registration`).
 
 How the pieces fit (token extraction, then training)::
 
@@ -45,14 +45,6 @@ from .modeling_dit import AdaTokDiT, AdaTokDiTPreTrainedModel, RunningTokenStats
 from .pipeline import ClassToImageOutput, ClassToImagePipeline
 
 
-def register() -> None:
-    """Register ``adatok_dit`` with ``AutoConfig`` and ``AutoModel`` (idempotent)."""
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(AdaTokDiTConfig.model_type, AdaTokDiTConfig, exist_ok=True)
-    AutoModel.register(AdaTokDiTConfig, AdaTokDiT, exist_ok=True)
-
-
 __all__ = [
     "DIT_PRESETS",
     "AdaTokDiT",
@@ -71,7 +63,6 @@ __all__ = [
     "interpolate",
     "masked_mse",
     "padding_fraction",
-    "register",
     "sample_flow",
     "sample_timesteps",
 ]

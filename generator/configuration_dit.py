@@ -16,7 +16,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from ..tokenizer.validation import check_model_type
+from ..tokenizer.loading import check_config_source
+from ..tokenizer.validation import check_size_bounds, estimate_dit_parameters
 
 POS_EMBEDS = ("learned", "sinusoidal")
 
@@ -79,10 +80,15 @@ class AdaTokDiTConfig(PretrainedConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Like ``PretrainedConfig.from_pretrained``, but a ``config.json`` of another ``model_type`` is a
-        ``ValueError`` (transformers only warns and builds a default config)."""
-        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        check_model_type(config_dict, cls.model_type, pretrained_model_name_or_path)
+        ``ValueError`` (transformers only warns and builds a default config). A missing path or
+        ``config.json``, or one that is not a JSON object, is named first, without any network call
+        (``loading.check_config_source``; nothing downloads unless ``local_files_only=False``)."""
+        check_config_source(cls, pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """No-op: the class lives in the installed package (see ``AdaTokDiTPreTrainedModel.register_for_auto_class``)."""
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -120,6 +126,8 @@ class AdaTokDiTConfig(PretrainedConfig):
             raise ValueError("AdaTokDiTConfig.token_mean and token_std must be set together (or both None)")
         if self.token_std is not None and any(v <= 0 for v in self.token_std):
             raise ValueError(f"AdaTokDiTConfig.token_std must be positive, got min {min(self.token_std)}")
+        check_size_bounds("AdaTokDiTConfig", self, {"max_tokens": self.max_tokens},
+                          ("hidden_size", "depth", "mlp_ratio", "num_classes", "max_tokens"), estimate_dit_parameters(self))
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -134,6 +142,15 @@ class AdaTokDiTConfig(PretrainedConfig):
         values = copy.deepcopy(DIT_PRESETS[name])
         values.update(overrides)
         return cls(**values)
+
+
+def class_names_from_config(config) -> list[str] | None:
+    """Names from ``config.id2label`` when it names every class (not transformers' ``LABEL_i`` default)."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [id2label.get(i, id2label.get(str(i))) for i in range(config.num_classes)]
+    if any(n is None for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return [str(n) for n in names]
 
 
 def _plain_number(value):

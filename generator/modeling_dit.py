@@ -30,7 +30,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from ..tokenizer import AdaTokEncoding, token_mask
-from ..tokenizer.validation import _describe, load_pretrained_strictly, resolve_num_tokens
+from ..tokenizer.loading import load_checked
+from ..tokenizer.validation import _describe, resolve_num_tokens
 from .configuration_dit import AdaTokDiTConfig
 from .flow_matching import SAMPLERS, check_guidance, sample_flow
 from .length_sampler import LengthSampler, check_class_labels
@@ -196,9 +197,64 @@ class AdaTokDiTPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
         """``PreTrainedModel.from_pretrained``, strict: weights from safetensors only, and any missing,
         unexpected or shape-mismatched weight (or a ``config.json`` of another ``model_type``) raises a
-        ``ValueError`` naming it. ``strict=False`` restores transformers' warn-and-reinitialise."""
-        return load_pretrained_strictly(super().from_pretrained, cls.__name__, pretrained_model_name_or_path,
-                                        model_args, kwargs, strict)
+        ``ValueError`` naming it. ``strict=False`` restores transformers' warn-and-reinitialise. The
+        folder is checked before anything is built, offline (``loading.load_checked``)."""
+        return load_checked(super().from_pretrained, cls, pretrained_model_name_or_path, model_args, kwargs, strict)
+
+    # ------------------------------------------------------------------ saving
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """No-op. transformers calls it after a ``trust_remote_code`` load so that saving copies the class's
+        source file; ours lives in the installed package and :meth:`save_pretrained` writes the ``auto_map``."""
+
+    def save_pretrained(self, save_directory, *args, model_card: dict | None = None, **kwargs):
+        """``PreTrainedModel.save_pretrained`` (safetensors), plus a ``README.md`` model card (config summary,
+        preset, the token cache it was trained on from a ``token_cache.json`` in the folder, training
+        steps/metrics from ``model_card={"training": {...}, "metrics": {...}}`` or a ``training_info.json``) and
+        the ``auto_map`` that loads the folder without ``import adatok_vlm`` (with ``trust_remote_code=True``).
+        ``push_to_hub=True`` pushes all of it."""
+        from ..tokenizer.model_card import card_sections, read_training_info, save_for_hub
+
+        def card(folder):
+            training, metrics = card_sections(folder, model_card)
+            cache = read_training_info(folder, "token_cache.json")     # written by train_dit beside the model
+            data = {f"token cache {k}": cache[k] for k in ("path", "tokenizer", "num_items", "mean_length")
+                    if cache.get(k) is not None}
+            self.write_model_card(folder, {**data, **training}, metrics)
+
+        return save_for_hub(self, super().save_pretrained, save_directory, args, kwargs,
+                            {"AutoConfig": "AdaTokDiTConfig", "AutoModel": "AdaTokDiT"}, write_card=card)
+
+    def write_model_card(self, save_directory, training: dict | None = None, metrics: dict | None = None):
+        """Write ``save_directory/README.md`` for this DiT (see :mod:`adatok_vlm.tokenizer.model_card`)."""
+        from ..tokenizer.model_card import closest_preset, write_model_card
+        from .configuration_dit import DIT_PRESETS
+
+        c = self.config
+        preset, overrides = closest_preset(c.to_dict(), DIT_PRESETS)
+        summary = {
+            "parameters": f"{self.num_parameters():,}",
+            "transformer (hidden, depth, heads, mlp_ratio)": f"{c.hidden_size}, {c.depth}, {c.num_heads}, {c.mlp_ratio}",
+            "token_dim": c.token_dim,
+            "max tokens (m)": c.max_tokens,
+            "num_classes (+1 null class)": c.num_classes,
+            "class_dropout_prob (CFG)": c.class_dropout_prob,
+            "pos_embed": c.pos_embed,
+            "length histograms (num_tokens=None)": "per class, from the training data"
+                                                   if c.length_histograms is not None else "none",
+            "token normalisation": "per-channel mean/std" if c.token_mean is not None else "none",
+        }
+        usage = ("import adatok_vlm, torch, transformers\n"
+                 "dit = transformers.AutoModel.from_pretrained(FOLDER)\n"
+                 "enc = dit.generate(torch.tensor([0, 1]), cfg_scale=4.0, num_steps=50)   # lengths from the data\n"
+                 "images = adatok.decode(enc.tokens, enc.lengths)                        # the AdaTok it was trained on")
+        description = ("A class- and length-conditional DiT (flow matching, classifier-free guidance) that generates "
+                       f"variable-length AdaTok token sequences: up to {c.max_tokens} tokens of {c.token_dim} "
+                       f"channels for {c.num_classes} classes; decode them with the AdaTok tokenizer they came from.")
+        return write_model_card(save_directory, c.model_type, "AdaTok DiT generator", description, summary,
+                                preset=preset, overrides=overrides, training=training or None,
+                                metrics=metrics or None, usage=usage, tags=["dit", "flow-matching"],
+                                pipeline_tag="unconditional-image-generation")
 
     def _init_weights(self, module: nn.Module) -> None:
         """DiT's init: xavier-uniform Linears, N(0, 0.02) embeddings and timestep MLPs, adaLN-Zero."""
@@ -406,6 +462,33 @@ class AdaTokDiT(AdaTokDiTPreTrainedModel):
         return F.pad(v, (0, 0, 0, length - n)) if length > n else v
 
     # ------------------------------------------------------------------ generation
+    def check_generate_arguments(self, class_labels, num_tokens=None, cfg_scale: float = 1.0, num_steps: int = 50,
+                                 sampler: str = "euler", guidance_interval=None, generator=None):
+        """Validate :meth:`generate`'s arguments (also used by ``ClassToImagePipeline`` before any work).
+
+        Returns ``(labels [B] long, lengths [B] long or None (from the histograms), num_steps int)``; every
+        bad value is a ``TypeError``/``ValueError`` naming the argument (a bool is never a count or a scale).
+        """
+        labels = check_class_labels(class_labels, self.config.num_classes, allow_null=True)
+        if guidance_interval is not None and (
+                not isinstance(guidance_interval, (tuple, list))
+                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in guidance_interval)):
+            raise TypeError(f"guidance_interval must be None or a pair (lo, hi) of times in [0, 1], "
+                            f"got {_describe(guidance_interval)}")
+        check_guidance(cfg_scale, guidance_interval)
+        if not isinstance(sampler, str) or sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
+        if num_tokens is None:
+            return labels, None, int(num_steps)
+        if isinstance(num_tokens, str):
+            raise ValueError(f"num_tokens must be None (histogram), an int or a LongTensor [B], got {num_tokens!r}")
+        lengths = resolve_num_tokens(num_tokens, labels.shape[0], self.max_tokens, labels.device)
+        return labels, lengths, int(num_steps)
+
     @torch.no_grad()
     def generate(self, class_labels, num_tokens=None, cfg_scale: float = 1.0, num_steps: int = 50,
                  sampler: str = "euler", guidance_interval: tuple[float, float] | None = None,
@@ -425,28 +508,13 @@ class AdaTokDiT(AdaTokDiTPreTrainedModel):
             :class:`AdaTokEncoding` with ``tokens [B, max(lengths), D]`` float32 (de-normalised, zero
             past each length) and ``lengths [B]``.
         """
-        labels = check_class_labels(class_labels, self.config.num_classes, allow_null=True).to(self.device)
-        if guidance_interval is not None and (
-                not isinstance(guidance_interval, (tuple, list))
-                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in guidance_interval)):
-            raise TypeError(f"guidance_interval must be None or a pair (lo, hi) of times in [0, 1], "
-                            f"got {_describe(guidance_interval)}")
-        check_guidance(cfg_scale, guidance_interval)
-        if not isinstance(sampler, str) or sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-        num_steps = int(num_steps)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
-        b = labels.shape[0]
-        if num_tokens is None:
+        labels, lengths, num_steps = self.check_generate_arguments(class_labels, num_tokens, cfg_scale, num_steps,
+                                                                   sampler, guidance_interval, generator)
+        labels = labels.to(self.device)
+        if lengths is None:
             lengths = self.length_sampler.sample(labels, generator=generator)
-        elif isinstance(num_tokens, str):
-            raise ValueError(f"num_tokens must be None (histogram), an int or a LongTensor [B], got {num_tokens!r}")
-        else:
-            lengths = resolve_num_tokens(num_tokens, b, self.max_tokens, self.device)
         lengths = lengths.to(self.device)
+        b = labels.shape[0]
         longest = int(lengths.max())
         where = generator.device if generator is not None else self.device
         noise = torch.randn(b, longest, self.config.token_dim, generator=generator, device=where).to(self.device)

@@ -10,13 +10,13 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .flow_matching import check_guidance
-from .length_sampler import check_class_labels
 from .modeling_dit import AdaTokDiT
 
 OUTPUT_TYPES = ("pil", "pt")
@@ -112,19 +112,21 @@ class ClassToImagePipeline:
             :class:`ClassToImageOutput` (acts as the list of images), or ``(images, lengths)`` when
             ``return_dict=False``.
         """
-        if output_type not in OUTPUT_TYPES:
+        # Every argument is checked before any work (the DiT's own checks, on the whole batch).
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(class_labels, int) and not isinstance(class_labels, bool):
-            class_labels = [class_labels]
-        labels = check_class_labels(class_labels, self.dit.config.num_classes, allow_null=True)
-        check_guidance(cfg_scale, guidance_interval)
+        if isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, (bool, np.bool_)):
+            class_labels = [int(class_labels)]
+        labels, _, num_steps = self.dit.check_generate_arguments(class_labels, num_tokens, cfg_scale, num_steps,
+                                                                 sampler, guidance_interval, generator)
         b = labels.shape[0]
-        if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() == 1 and num_tokens.shape != (b,):
-            raise ValueError(f"num_tokens must have shape [{b}] (one per label), got {tuple(num_tokens.shape)}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        step = batch_size or b
+        for name, flag in (("progress", progress), ("return_dict", return_dict)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+        step = int(batch_size or b)
         images, lengths, tokens = [], [], []
         for start in range(0, b, step):
             chunk = slice(start, min(start + step, b))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adatok_vlm.image_processing_adatok import AdaTokImageProcessor
+from adatok_vlm.tokenizer.image_processing_adatok import AdaTokImageProcessor
 from adatok_vlm.training.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,

@@ -446,8 +446,8 @@ def test_reward_table_measured_across_ranks_equals_one_process(runs):
     """Two ranks each measure a chunk of the table and gather it: the rows are the single-process ones."""
     from adatok_vlm.training.config import parse_config
     from adatok_vlm.training.reward_table import measure_reward_table
-    from adatok_vlm.training.train_policy import PolicyTrainingConfig, _as_tokenizer_cfg
-    from adatok_vlm.training.train_tokenizer import build_train_data
+    from adatok_vlm.training.data_setup import build_train_data
+    from adatok_vlm.training.train_policy import PolicyTrainingConfig
     from safetensors.torch import load_file
 
     out = runs["root"] / "z3" / "policy_table"
@@ -457,8 +457,8 @@ def test_reward_table_measured_across_ranks_equals_one_process(runs):
     model = transformers.AutoModel.from_pretrained(runs["root"] / "stage1").eval()
     model.enable_policy()
     cfg, _ = parse_config(PolicyTrainingConfig, policy_flags(runs["root"] / "stage1", out))
-    data, _ = build_train_data(_as_tokenizer_cfg(cfg), model.config)
-    table = measure_reward_table(model, [data.batch(list(range(9)))["pixel_values"]], model.length_grid)
+    data, _ = build_train_data(cfg, model.config)
+    table = measure_reward_table(model, [data.batch(saved["rows"].tolist())["pixel_values"]], model.length_grid)
     exported = transformers.AutoModel.from_pretrained(out / "model")
     assert exported.config.quality_margin != 0.0     # calibrated on the held-out table (rows 10..15)
     assert torch.allclose(table.rl, saved["rl"], rtol=1e-4, atol=1e-7)

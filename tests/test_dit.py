@@ -22,10 +22,10 @@ from adatok_vlm.generator import (
     drop_class_labels,
     flow_matching_loss,
     guided_velocity,
-    register,
     sample_flow,
     sample_timesteps,
 )
+from adatok_vlm.registration import register
 from adatok_vlm.tokenizer import AdaTokEncoding
 
 from conftest import tiny_model

@@ -13,7 +13,7 @@ from adatok_vlm.generator import LengthSampler
 from adatok_vlm.training.batches import preload_images
 from adatok_vlm.training.extract_tokens import TokenCache, main
 from adatok_vlm.training.train_policy import main as train_policy
-from adatok_vlm.training.train_tokenizer import DataConfig, build_image_processor, load_split
+from adatok_vlm.training.data_setup import DataConfig, build_image_processor, load_split
 
 NUM_CROPS = 40
 DATA_FLAGS = ["--data.dataset", "natural_crops", "--data.num_crops", str(NUM_CROPS)]
@@ -121,3 +121,46 @@ def test_auto_needs_a_policy(tmp_path):
     with pytest.raises(ValueError, match="needs a tokenizer with a trained length policy"):
         extract(tmp_path / "no_policy", tmp_path / "out")
     assert extract(tmp_path / "no_policy", tmp_path / "fixed", "--num_tokens", "4")["complete"]
+
+
+def test_extraction_uses_the_tokenizers_saved_processor_unless_told_otherwise(tokenizer, tmp_path):
+    """Wide (48x32) images: the folder's saved processor centre-crops them (a natural-image model), the
+    data section's default letter-boxes them. By default extraction follows the saved one; with
+    ``--data.processor data`` the data section's."""
+    import shutil
+
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from adatok_vlm.tokenizer.image_processing_adatok import AdaTokImageProcessor
+
+    folder = tmp_path / "natural_model"
+    shutil.copytree(tokenizer, folder)
+    natural = AdaTokImageProcessor(size=32, resize_mode="shortest_edge", crop="center", do_flip=False,
+                                   resample="bicubic")
+    natural.save_pretrained(folder)
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (images / "things").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(images / "things" / f"{i}.png")
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    raw = load_split(DataConfig(dataset=str(images)), "train")
+
+    def tokens_through(processor):   # a set this small is preloaded (as uint8) by the extraction too
+        x = preload_images(raw, processor, cache=False).pixels.float() / 255.0
+        return model.encode(x, num_tokens=4).tokens[:, :4]
+
+    def extracted(out, *flags):
+        main(["--tokenizer", str(folder), "--output_dir", str(out), "--data.dataset", str(images),
+              "--num_tokens", "4", "--extract.batch_size", "4", "--extract.num_threads", "1", *flags])
+        ds = datasets.load_from_disk(str(out / "dataset"))
+        return torch.stack([torch.tensor(ds[i]["tokens"]) for i in range(len(ds))])
+
+    cropped, boxed = tokens_through(natural), tokens_through(build_image_processor(model.config, DataConfig(), False))
+    assert not torch.allclose(cropped, boxed, atol=1e-3), "the two geometries must differ for this test to mean anything"
+    torch.testing.assert_close(extracted(tmp_path / "default"), cropped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(extracted(tmp_path / "data", "--data.processor", "data"), boxed, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="data.processor must be one of"):
+        extracted(tmp_path / "bad", "--data.processor", "mine")

@@ -14,14 +14,22 @@ knows the input is valid the call must succeed; where it knows it is invalid the
 a silently accepted bad input is a failure too.
 
 Every case is counted per entry point and outcome; ``test_zz_case_counts`` prints the table (visible
-with plain ``pytest``) and writes it to ``<pytest basetemp>/fuzz_case_counts.json``.
+with plain ``pytest``) and writes it to ``<pytest basetemp>/fuzz_case_counts.json`` (and to
+``$ADATOK_FUZZ_REPORT`` when set).
+
+Volume: ``make test`` runs a derandomized share (the per-test counts below). ``ADATOK_FUZZ=full``
+(``make fuzz``) raises every entry point to at least ``FULL_EXAMPLES`` = 1,000 cases, still
+derandomized (the same cases every run, so the figures in RELIABILITY.md are reproducible), and
+``test_zz_case_counts`` then checks that each entry point reached them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,13 +46,20 @@ SIZE = 32       # their image_size
 
 COUNTS: Counter = Counter()   # (entry point, "accepted" | "rejected") -> cases
 
+FUZZ_MODES = ("default", "full")
+FUZZ_MODE = os.environ.get("ADATOK_FUZZ", "") or "default"
+if FUZZ_MODE not in FUZZ_MODES:
+    raise ValueError(f"ADATOK_FUZZ must be one of {FUZZ_MODES} (or unset), got {FUZZ_MODE!r}")
+FULL_EXAMPLES = 1000          # cases per entry point in the full mode (issue 20, item 7)
+
 _BASE = settings(deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def fuzz(examples: int) -> settings:
-    """Reproducible (derandomized, no example database), no deadline, ``examples`` cases."""
-    return settings(_BASE, max_examples=examples)
+    """Reproducible (derandomized, no example database), no deadline, ``examples`` cases in the default
+    mode and at least ``FULL_EXAMPLES`` with ``ADATOK_FUZZ=full``."""
+    return settings(_BASE, max_examples=max(examples, FULL_EXAMPLES) if FUZZ_MODE == "full" else examples)
 
 
 def expect(target: str, call, names: tuple[str, ...], valid: bool | None, check=None):
@@ -169,7 +184,10 @@ def num_tokens_values(batch: int):
         st.integers(-2, M + 3).map(lambda v: (v, "int")),
         st.integers(-2, M + 3).map(lambda v: (np.int64(v), "int")),
         st.integers(-2, M + 3).map(lambda v: (torch.tensor(v), "int")),
-        st.sampled_from([True, False, 2.5, 4.0, [2, 3], (3,)]).map(lambda v: (v, "bad")),
+        st.sampled_from([True, False, 2.5, 4.0, [2, 3], (3,), np.bool_(True)]).map(lambda v: (v, "bad")),
+        # a 0-d bool/float tensor is not a count either (torch.tensor(True) once passed as length 1)
+        st.sampled_from(["True", "False", "2.0"]).map(lambda v: ({"True": torch.tensor(True), "False": torch.tensor(False),
+                                                                 "2.0": torch.tensor(2.0)}[v], "bad")),
         st.sampled_from(["auto", "sample", "search", "oracle", "fastest", "", "AUTO"]).map(lambda v: (v, "mode")),
         st.builds(lambda k, v: ({k: v}, "dial"), st.sampled_from(["max_mse", "mean_budget", "budget"]),
                   st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
@@ -372,6 +390,8 @@ def one_image(draw):
     rng = np.random.default_rng(seed)
     dtype = draw(st.sampled_from(["uint8", "uint16", "float32", "float64", "float16", "bool", "int64", "int16",
                                   "complex64", "object"]))
+    if dtype in ("object", "uint16"):
+        kind = "numpy"     # no torch tensor of these dtypes: the image stays a (channels-last) numpy array
     channels = draw(st.sampled_from([None, 1, 3, 3, 4, 2, 5]))
     empty = draw(st.sampled_from([False] * 6 + [True]))
     h, w = (0 if empty else height), width
@@ -395,12 +415,11 @@ def one_image(draw):
         array = np.empty(shape, dtype=object)
     else:
         array = rng.integers(0, 256, shape).astype(np.uint8)
-    image = array if kind == "numpy" else torch.from_numpy(np.ascontiguousarray(array)) \
-        if dtype not in ("object", "uint16") else array
+    image = array if kind == "numpy" else torch.from_numpy(np.ascontiguousarray(array))
     good_dtype = dtype in ("uint8", "uint16", "bool") or (dtype in ("float32", "float64", "float16")
                                                            and fault == "none")
     if dtype in ("int64", "int16"):
-        good_dtype = fault != "range" or array.size == 0
+        good_dtype = array.size == 0 or int(array.min()) >= 0     # "range" draws from -3 but may miss it
     known_bad = empty or dtype in ("complex64", "object") or not good_dtype or channels in (2, 5)
     return image, (False if known_bad else None), min(h, w)
 
@@ -491,17 +510,22 @@ def test_fuzz_dit_forward(data):
         expect("AdaTokDiT.forward", lambda: model(tokens, timesteps, labels, lengths), names, ok, check)
 
 
+def picker(data, broken: str | None):
+    """``pick(name, options)``: draws among ``options`` (tuples whose last item says valid or not) a valid
+    one, unless ``name`` is ``broken``, the one argument this case breaks (then an invalid one)."""
+    def pick(name, options):
+        pool = [o for o in options if o[-1] is (name != broken) or (o[-1] is None)] or options
+        return data.draw(st.sampled_from(pool), label=name)
+    return pick
+
+
 @fuzz(120)
 @given(data=st.data())
 def test_fuzz_dit_generate(data):
     model = dit()
     broken = data.draw(st.sampled_from([None, None, None, "class_labels", "num_tokens", "cfg_scale", "num_steps",
                                         "sampler", "guidance_interval", "generator"]), label="broken")
-
-    def pick(name, options):
-        """A valid option unless ``name`` is the argument this case breaks."""
-        pool = [o for o in options if o[-1] is (name != broken) or (o[-1] is None)] or options
-        return data.draw(st.sampled_from(pool), label=name)
+    pick = picker(data, broken)
 
     labels, labels_ok = pick("class_labels", [
         ([0, 1], True), ([2], True), ([3], True), (torch.tensor([0, 2, 1]), True), ([], False), ([5], False),
@@ -513,7 +537,8 @@ def test_fuzz_dit_generate(data):
         (M + 1, "int", False), (-1, "int", False), (torch.tensor([1] * b), "tensor", True),
         (torch.tensor([M] * b), "tensor", True), (torch.tensor([0] * b), "tensor", False),
         (torch.tensor([2] * (b + 1)), "tensor", False), ("auto", "bad", False), (2.0, "bad", False),
-        ({"max_mse": 0.1}, "bad", False)])
+        ({"max_mse": 0.1}, "bad", False), (torch.tensor(True), "bad", False), (np.bool_(True), "bad", False),
+        (True, "bad", False)])
     cfg_scale, cfg_ok = pick("cfg_scale", [(1.0, True), (2.5, True), (np.float64(1.5), True), (0.5, False),
                                            (float("nan"), False), (float("inf"), False), (True, False), ("2", False)])
     num_steps, steps_ok = pick("num_steps", [(1, True), (2, True), (np.int64(2), True), (0, False), (-1, False),
@@ -540,6 +565,96 @@ def test_fuzz_dit_generate(data):
     expect("AdaTokDiT.generate", lambda: model.generate(labels, num_tokens=num_tokens, cfg_scale=cfg_scale,
                                                          num_steps=num_steps, sampler=sampler,
                                                          guidance_interval=interval, generator=generator),
+           names, ok, check)
+
+
+# ============================================================================================
+# a bool is never a count (issue 20: num_tokens=torch.tensor(True) once returned length 1)
+# ============================================================================================
+BOOL_COUNTS = {"True": True, "np.bool_": np.bool_(True), "tensor(True)": torch.tensor(True),
+               "tensor(False)": torch.tensor(False), "tensor([True])": torch.tensor([True])}
+COUNT_ENTRIES = {
+    "AdaTokModel.encode": lambda n: adatok().encode(torch.rand(1, 3, SIZE, SIZE), num_tokens=n),
+    "AdaTokModel.forward": lambda n: adatok()(torch.rand(1, 3, SIZE, SIZE), num_tokens=n),
+    "AdaTokDiT.generate": lambda n: dit().generate([0], num_tokens=n, num_steps=1),
+    "ClassToImagePipeline": lambda n: pipeline()([0], num_tokens=n, num_steps=1),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(COUNT_ENTRIES))
+@pytest.mark.parametrize("value", sorted(BOOL_COUNTS))
+def test_a_bool_num_tokens_is_a_type_error(entry, value):
+    with torch.no_grad(), pytest.raises(TypeError, match="num_tokens"):
+        COUNT_ENTRIES[entry](BOOL_COUNTS[value])
+    COUNT_ENTRIES[entry](1)         # the same call with a real count works
+
+
+# ============================================================================================
+# ClassToImagePipeline
+# ============================================================================================
+@lru_cache(maxsize=None)
+def pipeline():
+    from adatok_vlm import ClassToImagePipeline
+
+    return ClassToImagePipeline(dit(), adatok())
+
+
+@fuzz(120)
+@given(data=st.data())
+def test_fuzz_class_to_image_pipeline(data):
+    pipe = pipeline()
+    broken = data.draw(st.sampled_from([None, None, None, "class_labels", "num_tokens", "cfg_scale", "num_steps",
+                                        "sampler", "guidance_interval", "generator", "output_type", "batch_size",
+                                        "return_dict"]), label="broken")
+    pick = picker(data, broken)
+    labels, labels_ok = pick("class_labels", [
+        (0, True), (np.int64(2), True), ([0, 1, 2], True), (torch.tensor([3, 1]), True), ([1], True), ([], False),
+        (4, False), (-1, False), (True, False), (2.5, False), ("1", False), (torch.tensor([0.0]), False),
+        (torch.tensor([True]), False), ([0, True], False), (None, False)])
+    b = (len(labels) if isinstance(labels, (list, torch.Tensor)) else 1) if labels_ok else 1
+    num_tokens, kind, _ = pick("num_tokens", [
+        (None, "none", False), (1, "int", True), (M, "int", True), (np.int64(3), "int", True), (0, "int", False),
+        (M + 1, "int", False), (torch.tensor([2] * b), "tensor", True), (torch.tensor([2] * (b + 1)), "tensor", False),
+        (torch.tensor(True), "bad", False), (True, "bad", False), ("auto", "bad", False), (2.0, "bad", False)])
+    cfg_scale, cfg_ok = pick("cfg_scale", [(1.0, True), (3.0, True), (0.5, False), (float("nan"), False),
+                                           (True, False), ("2", False)])
+    num_steps, steps_ok = pick("num_steps", [(1, True), (2, True), (0, False), (True, False), (1.5, False)])
+    sampler, sampler_ok = pick("sampler", [("euler", True), ("heun", True), ("rk4", False), (None, False)])
+    interval, interval_ok = pick("guidance_interval", [(None, True), ((0.2, 0.8), True), ((0.8, 0.2), False),
+                                                       ("ab", False)])
+    generator, gen_ok = pick("generator", [(None, True), ("g", True), (3, False)])
+    output_type, type_ok = pick("output_type", [("pil", True), ("pt", True), ("np", False), (None, False),
+                                                (["pt"], False)])
+    batch_size, batch_ok = pick("batch_size", [(None, True), (1, True), (2, True), (np.int64(2), True), (0, False),
+                                               (True, False), (1.5, False)])
+    return_dict, dict_ok = pick("return_dict", [(True, True), (False, True), (1, False), ("yes", False)])
+    if generator == "g":
+        generator = torch.Generator().manual_seed(0)
+    tokens_ok = num_tokens_valid(num_tokens, kind, b, False, for_forward=True) and kind != "none"
+    ok = (labels_ok and tokens_ok and cfg_ok and steps_ok and sampler_ok and interval_ok and gen_ok and type_ok
+          and batch_ok and dict_ok)
+    names = ("class_labels", "num_tokens", "cfg_scale", "num_steps", "sampler", "guidance_interval", "generator",
+             "output_type", "batch_size", "return_dict", "length_histograms")
+
+    def check(out):
+        images, lengths = (out.images, out.lengths) if return_dict else out
+        assert len(images) == b and lengths.shape == (b,) and lengths.min() >= 1 and lengths.max() <= M
+        if kind == "int":
+            assert (lengths == int(num_tokens)).all()
+        elif kind == "tensor":
+            assert torch.equal(lengths, num_tokens)
+        if output_type == "pt":
+            assert images.shape == (b, 3, SIZE, SIZE) and images.min() >= 0 and images.max() <= 1
+        else:
+            assert all(image.size == (SIZE, SIZE) and image.mode == "RGB" for image in images)
+        if return_dict:
+            assert out.tokens.shape == (b, int(lengths.max()), D)
+            assert (out.tokens[torch.arange(out.tokens.shape[1])[None] >= lengths[:, None]] == 0).all()
+
+    expect("ClassToImagePipeline", lambda: pipe(labels, num_tokens=num_tokens, cfg_scale=cfg_scale,
+                                                num_steps=num_steps, sampler=sampler, guidance_interval=interval,
+                                                generator=generator, output_type=output_type, batch_size=batch_size,
+                                                return_dict=return_dict),
            names, ok, check)
 
 
@@ -704,9 +819,15 @@ def test_zz_case_counts(tmp_path_factory, capsys):
     lines = [f"fuzz cases: {total} in total"] + [
         f"  {target:40s} {row['accepted'] + row['rejected']:4d} cases: {row['accepted']:4d} worked, "
         f"{row['rejected']:4d} rejected with a named ValueError/TypeError" for target, row in table.items()]
+    report = {"mode": FUZZ_MODE, "total": total, "by_entry_point": table}
     path = tmp_path_factory.getbasetemp() / "fuzz_case_counts.json"
-    path.write_text(json.dumps({"total": total, "by_entry_point": table}, indent=1))
+    paths = [path] + ([Path(os.environ["ADATOK_FUZZ_REPORT"])] if os.environ.get("ADATOK_FUZZ_REPORT") else [])
+    for where in paths:
+        where.write_text(json.dumps(report, indent=1))
     with capsys.disabled():
-        print("\n" + "\n".join(lines) + f"\n  (saved to {path})")
+        print(f"\n(mode {FUZZ_MODE}) " + "\n".join(lines) + f"\n  (saved to {', '.join(map(str, paths))})")
     for target, row in table.items():
         assert row["accepted"] > 0 and row["rejected"] > 0, f"{target}: the fuzzing must hit both outcomes"
+        if FUZZ_MODE == "full":
+            cases = row["accepted"] + row["rejected"]
+            assert cases >= FULL_EXAMPLES, f"{target}: {cases} cases, the full mode promises {FULL_EXAMPLES}"

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
-from adatok_vlm.image_processing_adatok import AdaTokImageProcessor
+from adatok_vlm.tokenizer.image_processing_adatok import AdaTokImageProcessor
 
 
 def _random_rgb(h, w, seed=0):
@@ -295,3 +295,58 @@ def test_postprocess_inverts_preprocess_and_clamps():
         processor.postprocess(torch.full((1, 3, 2, 2), float("nan")))
     with pytest.raises(ValueError, match="pixel_values.*shape"):
         processor.postprocess(torch.zeros(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files from disk: EXIF orientation and damaged data (issue 20)
+# ---------------------------------------------------------------------------------------------
+
+
+def _asymmetric(width=40, height=24):
+    """An image whose every orientation differs: a red block in the top-left corner on grey."""
+    array = np.full((height, width, 3), 128, dtype=np.uint8)
+    array[: height // 3, : width // 4] = (255, 0, 0)
+    return array
+
+
+# EXIF orientation tag -> the transpose a viewer applies to show the stored pixels upright
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270,
+                8: Image.Transpose.ROTATE_90}
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_to_images_read_from_files(tmp_path, orientation, fmt):
+    stored = Image.fromarray(_asymmetric())
+    exif = Image.Exif()
+    exif[0x0112] = orientation                       # the Orientation tag a phone camera writes
+    path = tmp_path / f"photo.{fmt.lower()}"
+    stored.save(path, format=fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
+    opened = Image.open(path)
+    assert opened.getexif()[0x0112] == orientation and opened.size == (40, 24)
+    processor = AdaTokImageProcessor(size=16, resize_mode="pad")
+    decoded = Image.fromarray(np.asarray(Image.open(path).convert("RGB")))   # the stored pixels, no EXIF
+    expected = _pixels(processor, decoded.transpose(ORIENTATIONS[orientation]))
+    got = _pixels(processor, opened)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert (got - _pixels(processor, decoded)).abs().max() > 0.3, "the orientation tag was ignored"
+
+
+def test_an_image_without_orientation_is_unchanged(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.fromarray(_asymmetric()).save(path)
+    processor = AdaTokImageProcessor(size=16, resize_mode="pad")
+    torch.testing.assert_close(_pixels(processor, Image.open(path)),
+                               _pixels(processor, Image.fromarray(_asymmetric())), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_a_truncated_png_names_the_image_and_the_cause(tmp_path, cut):
+    path = tmp_path / "full.png"
+    Image.fromarray(_random_rgb(64, 64)).save(path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: int(len(data) * cut)])
+    good = Image.fromarray(_random_rgb(40, 40))
+    with pytest.raises(ValueError, match=r"images\[1\]: the image data cannot be decoded \(OSError: .*truncated"):
+        AdaTokImageProcessor(size=32)([good, Image.open(truncated)], return_tensors="pt")

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     src = tmp_path_factory.mktemp("src")
-    for name in ("setup.py", "README.md", "adatok_vlm", "tokenizer", "generator", "training"):
+    for name in ("setup.py", "README.md", "adatok_vlm", "tokenizer", "generator", "training", "configs"):
         path = REPO / name
         if path.is_dir():
             shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -35,8 +35,17 @@ def test_wheel_holds_only_the_adatok_vlm_root(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert roots == {"adatok_vlm"}
-    for sub in ("tokenizer", "generator", "training"):
+    for sub in ("tokenizer", "generator", "training", "configs"):
         assert f"adatok_vlm/{sub}/__init__.py" in names
+
+
+def test_wheel_ships_every_config_file(wheel):
+    """``configs/`` is package data: every file of the checkout's folder is in the wheel, same place."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = sorted(f"adatok_vlm/configs/{p.relative_to(REPO / 'configs').as_posix()}"
+                     for p in (REPO / "configs").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert "adatok_vlm/configs/dit/dit-tiny.yaml" in shipped
+    assert [n for n in shipped if n not in names] == []
 
 
 def test_installed_wheel_imports_from_outside_the_repo(wheel, tmp_path):
@@ -49,7 +58,12 @@ def test_installed_wheel_imports_from_outside_the_repo(wheel, tmp_path):
         "from adatok_vlm import AdaTokConfig, AdaTokModel;"
         "import transformers;"
         "assert transformers.AutoConfig.for_model('adatok').__class__ is AdaTokConfig;"
-        "print(adatok_vlm.__file__); print(adatok_vlm.tokenizer.__file__); print(adatok_vlm.training.__file__)"
+        "from adatok_vlm.training.config import configs_dir, load_yaml;"
+        "from adatok_vlm.training.distributed import resolve_deepspeed_config;"
+        "assert load_yaml(configs_dir() / 'dit' / 'dit-tiny.yaml');"
+        "assert resolve_deepspeed_config('zero2')['zero_optimization']['stage'] == 2;"
+        "print(adatok_vlm.__file__); print(adatok_vlm.tokenizer.__file__); print(adatok_vlm.training.__file__);"
+        "print(configs_dir())"
     )
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -57,7 +71,7 @@ def test_installed_wheel_imports_from_outside_the_repo(wheel, tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     files = result.stdout.split()
-    assert len(files) == 3 and all(f.startswith(str(target)) for f in files), files
+    assert len(files) == 4 and all(f.startswith(str(target)) for f in files), files
 
 
 def test_cli_lists_every_verb_and_each_verb_resolves(capsys):

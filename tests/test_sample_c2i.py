@@ -11,7 +11,8 @@ from PIL import Image
 
 from adatok_vlm import AdaTokDiT, AdaTokDiTConfig
 from adatok_vlm.cli import main as cli
-from adatok_vlm.generator.sample_c2i import class_names_from_config, parse_classes
+from adatok_vlm.generator.configuration_dit import class_names_from_config
+from adatok_vlm.sample_c2i import parse_classes
 
 NAMES = ["cat", "dog", "ship"]
 

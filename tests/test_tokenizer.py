@@ -202,7 +202,11 @@ def test_every_preset_has_a_yaml_config_naming_it(name):
     raw = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "tokenizer" / f"{name}.yaml")
     model = dict(raw["model"])
     assert model.pop("preset") == name
-    assert AdaTokConfig.from_preset(name, **model).to_dict() == AdaTokConfig.from_preset(name).to_dict() or model
+    built, preset = AdaTokConfig.from_preset(name, **model).to_dict(), AdaTokConfig.from_preset(name).to_dict()
+    for key, value in model.items():   # every field the YAML sets reaches the config ...
+        assert built[key] == value, f"{name}.yaml sets model.{key} = {value!r}, the config has {built[key]!r}"
+    # ... and every field it leaves out is the preset's
+    assert {k: v for k, v in built.items() if k not in model} == {k: v for k, v in preset.items() if k not in model}
 
 
 def test_token_noise_is_training_only(images):

@@ -107,13 +107,15 @@ def test_reward_table_mode_trains_scores_held_out_and_reuses_its_table(stage1, t
     grid = model.length_grid
     table = RewardTable.load(tmp_path / "reward_table" / "train.safetensors", _meta(tmp_path / "reward_table"))
     assert table.rl.shape == (40, grid.numel()) and table.features.shape == (40, 2 * model.config.hidden_size)
-    # row 0 of the table is image 0 of the training data: decode it directly at a few lengths
-    from adatok_vlm.training.train_policy import _as_tokenizer_cfg
-    from adatok_vlm.training.train_tokenizer import build_train_data
+    # rows 0 and 1 of the table are the images ``table.rows[:2]`` of the training data (a seeded draw over
+    # the whole split, not its first images): decode them directly at a few lengths
+    from adatok_vlm.training.data_setup import build_train_data
+    from adatok_vlm.training.train_policy import table_rows
 
     cfg, _ = parse_config(PolicyTrainingConfig, args)
-    data, _ = build_train_data(_as_tokenizer_cfg(cfg), model.config)
-    x = data.batch([0, 1])["pixel_values"]
+    data, _ = build_train_data(cfg, model.config)
+    assert table.rows.tolist() == table_rows(len(data), 40, 24, cfg.train.seed)[0]
+    x = data.batch(table.rows[:2].tolist())["pixel_values"]
     with torch.no_grad():
         tokens, hidden, _, _ = model.forward_encoder(x)
         assert torch.allclose(model.policy_features(hidden), table.features[:2], atol=1e-5)

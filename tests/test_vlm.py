@@ -4,6 +4,8 @@ Tiny LMs (Llama and GPT-2 configs, hidden 32, 2 layers), a tiny AdaTok and an in
 tokenizer: no downloads, CPU only.
 """
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -18,7 +20,7 @@ from transformers import (
 from adatok_vlm import AdaTokConfig, AdaTokEncoding, AdaTokModel
 from adatok_vlm.configuration_vlm import AdaTokVLMConfig
 from adatok_vlm.flow_head import FlowHead
-from adatok_vlm.image_processing_adatok import AdaTokImageProcessor
+from adatok_vlm.tokenizer.image_processing_adatok import AdaTokImageProcessor
 from adatok_vlm.modeling_vlm import (
     AdaTokVLMForCausalLM,
     ExactImageTokensLogitsProcessor,
@@ -26,13 +28,11 @@ from adatok_vlm.modeling_vlm import (
     ImageVocabularyLogitsProcessor,
     MaxImageTokensLogitsProcessor,
     MinImageTokensLogitsProcessor,
-    apply_lora,
-    load_lora,
-    pack_image_tokens,
-    register,
-    unpack_image_tokens,
 )
+from adatok_vlm.peft_vlm import apply_lora, load_lora
 from adatok_vlm.processing_vlm import AdaTokVLMProcessor
+from adatok_vlm.registration import register
+from adatok_vlm.tokenizer import pack_image_tokens, unpack_image_tokens
 
 register()
 
@@ -648,3 +648,153 @@ def test_synced_gpus_two_real_processes_finish_together(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["lengths"] for r in ranks] == [[2], [6]]
     assert ranks[0]["calls"] == ranks[1]["calls"] == 6   # rank 0 kept stepping (dummy steps) until rank 1 was done
+
+
+# ============================================================================================
+# the image tokens by the names users know (issue 19 item 5)
+# ============================================================================================
+def test_custom_token_strings_train_generate_save_and_reload(tmp_path):
+    """eoi_token="[EOS]" (the paper's name): a training step, text and image generation, save, reload."""
+    from transformers import AutoProcessor
+
+    tok = text_tokenizer()
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(lm_config("llama", len(tok)))
+    vlm = AdaTokVLMForCausalLM.from_text_model(lm, tiny_adatok(), tok, eoi_token="[EOS]", flow_head_depth=2,
+                                               num_flow_steps=2)
+    c = vlm.config
+    assert (c.boi_token, c.img_token, c.eoi_token) == ("[BOI]", "[IMG]", "[EOS]")
+    assert tok.convert_tokens_to_ids("[EOS]") == c.eoi_token_id and "[EOI]" not in tok.get_vocab()
+    processor = AdaTokVLMProcessor.from_model(vlm, tok)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch = processor(text=["n=3 <image> cat", "<image> a"], images=images, num_image_tokens=torch.tensor([3, 2]))
+    text = tok.decode(batch["input_ids"][0], skip_special_tokens=False).replace(" ", "")
+    assert "[BOI][IMG][IMG][IMG][EOS]" in text
+    # one training step (t2i: the stop target after the last token is [EOS])
+    vlm.train()
+    optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-3)
+    out = vlm(**batch, labels=batch["input_ids"])
+    assert out.stop_loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    optimizer.step()
+    vlm.eval()
+    p = prompts(tok, ["n=3", "a cat"])
+    enc = vlm.generate_images(p.input_ids, p.attention_mask, max_image_tokens=4, seed=0)
+    assert 1 <= int(enc.lengths.min()) and int(enc.lengths.max()) <= 4
+    vlm.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.image_token_strings == {"boi_token": "[BOI]", "img_token": "[IMG]", "eoi_token": "[EOS]"}
+    assert loaded.config.image_token_ids == c.image_token_ids
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert reloaded.eoi_token == "[EOS]"
+    kwargs = dict(text=["n=3 <image> cat", "<image> a"], images=images, num_image_tokens=torch.tensor([3, 2]),
+                  padding_side="left")
+    again, want = reloaded(**kwargs), processor(**kwargs)
+    assert [k for k in want if not torch.equal(again[k], want[k])] == []
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, vlm(**batch).logits)
+    text_out = loaded.generate(**again, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert text_out.shape[1] == again["input_ids"].shape[1] + 2
+
+
+def test_existing_lm_tokens_are_reused_only_when_asked():
+    tok = text_tokenizer()
+    tok.add_special_tokens({"extra_special_tokens": ["<|image_start|>", "<|image_end|>"]},
+                           replace_extra_special_tokens=False)
+    start, end = tok.convert_tokens_to_ids("<|image_start|>"), tok.convert_tokens_to_ids("<|image_end|>")
+    lm = AutoModelForCausalLM.from_config(lm_config("llama", len(tok)))
+    kwargs = dict(boi_token="<|image_start|>", eoi_token="<|image_end|>")
+    with pytest.raises(ValueError, match="reuse_existing_tokens=True"):
+        AdaTokVLMForCausalLM.from_text_model(lm, tiny_adatok(), tok, **kwargs)
+    size = len(tok)
+    vlm = AdaTokVLMForCausalLM.from_text_model(lm, tiny_adatok(), tok, reuse_existing_tokens=True, **kwargs)
+    assert (vlm.config.boi_token_id, vlm.config.eoi_token_id) == (start, end)
+    assert len(tok) == size + 1 and vlm.config.img_token_id == size      # only [IMG] is new
+    assert vlm.vocab_size == size + 1
+    with pytest.raises(ValueError, match="end-of-text"):
+        AdaTokVLMForCausalLM.from_text_model(AutoModelForCausalLM.from_config(lm_config("llama", len(tok))),
+                                             tiny_adatok(), text_tokenizer(), eoi_token="</s>",
+                                             reuse_existing_tokens=True)
+    with pytest.raises(ValueError, match="three different strings"):
+        AdaTokVLMForCausalLM.from_text_model(AutoModelForCausalLM.from_config(lm_config("llama", len(tok))),
+                                             tiny_adatok(), text_tokenizer(), boi_token="[X]", img_token="[X]")
+
+
+# ============================================================================================
+# saved folders: model card, subfolder, the wrong folder (issue 19 item 4, issue 20)
+# ============================================================================================
+def test_model_card_and_subfolder_loading(tmp_path):
+    vlm, tok = tiny_vlm("llama")
+    target = tmp_path / "release" / "vlm"
+    vlm.save_pretrained(target, model_card={"training": {"data": "fashion_mnist", "steps": 7},
+                                            "metrics": {"accuracy_auto": 0.5}})
+    card = (target / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: adatok-vlm")
+    assert "model_type: `adatok_vlm`" in card and "preset: `adatok-tiny`" in card
+    assert "| steps | 7 |" in card and "| accuracy_auto | 0.5 |" in card and "[EOI]" in card
+    loaded = AdaTokVLMForCausalLM.from_pretrained(tmp_path / "release", subfolder="vlm").eval()
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "release", subfolder="vlm").eval()
+    batch = image_batch(vlm, tok, ["n=3 <image> cat"], [4])
+    with torch.no_grad():
+        want = vlm(**batch).logits
+        assert torch.equal(loaded(**batch).logits, want) and torch.equal(auto(**batch).logits, want)
+    with pytest.raises(FileNotFoundError, match="subfolder"):
+        AdaTokVLMForCausalLM.from_pretrained(tmp_path / "release", subfolder="nope")
+
+
+def test_from_pretrained_refuses_other_folders_before_building_anything(tmp_path, monkeypatch):
+    tiny_adatok().save_pretrained(tmp_path / "tokenizer")
+    built = []
+
+    def no_build(self, *args, **kwargs):
+        built.append(1)
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(AdaTokVLMForCausalLM, "__init__", no_build)
+    with pytest.raises(ValueError, match="model_type.*'adatok'.*AdaTokModel"):
+        AdaTokVLMForCausalLM.from_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        AdaTokVLMForCausalLM.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        AdaTokVLMForCausalLM.from_pretrained(tmp_path / "empty")
+    assert not built
+
+
+def test_sample_t2i_refuses_a_tokenizer_folder(tmp_path):
+    from adatok_vlm import sample_t2i
+
+    tiny_adatok().save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="model_type"):
+        sample_t2i.main(["--model", str(tmp_path / "tokenizer"), "--prompt", "x", "--out", str(tmp_path / "o")])
+
+
+def test_bad_stop_temperature_and_non_finite_image_tokens():
+    vlm, tok = tiny_vlm("llama")
+    p = prompts(tok, ["n=3"])
+    for bad in (0, 0.0, float("nan"), -1, float("inf")):
+        with pytest.raises(ValueError, match="stop_temperature"):
+            vlm.generate_images(p.input_ids, p.attention_mask, do_sample=True, stop_temperature=bad)
+    enc = vlm.generate_images(p.input_ids, p.attention_mask, do_sample=True, stop_temperature=0.5, seed=0,
+                              max_image_tokens=3)
+    assert 1 <= int(enc.lengths[0]) <= 3
+    batch = image_batch(vlm, tok, ["n=3 <image> cat"], [4])
+    for bad in (float("nan"), float("inf")):
+        tokens = batch["image_tokens"].clone()
+        tokens[2, 1] = bad
+        with pytest.raises(ValueError, match="image_tokens"):
+            vlm(**{**batch, "image_tokens": tokens}, labels=batch["input_ids"])
+
+
+def test_model_card_reads_the_loops_training_info_and_the_prompt_layout(tmp_path):
+    """The card merges what the training loop recorded (``training_info.json``) with the VLM's own prompt
+    layout (``vlm_training.json``); the loop's value wins where both give one."""
+    vlm, _ = tiny_vlm("llama")
+    (tmp_path / "training_info.json").write_text(json.dumps({"training": {"data": "fm", "steps": 5, "lr": 0.001}}))
+    (tmp_path / "vlm_training.json").write_text(json.dumps({"direction": "t2i", "steps": 4}))
+    vlm.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "| steps | 5 |" in card and "| lr | 0.001 |" in card and "| direction | t2i |" in card
+    with pytest.raises(ValueError, match="model_card"):
+        vlm.save_pretrained(tmp_path / "bad", model_card={"metric": {}})

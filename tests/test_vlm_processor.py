@@ -10,9 +10,11 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 from adatok_vlm import AdaTokEncoding
-from adatok_vlm.image_processing_adatok import AdaTokImageProcessor
-from adatok_vlm.modeling_vlm import AdaTokVLMForCausalLM, pack_image_tokens, register
+from adatok_vlm.tokenizer.image_processing_adatok import AdaTokImageProcessor
+from adatok_vlm.modeling_vlm import AdaTokVLMForCausalLM
 from adatok_vlm.processing_vlm import AdaTokVLMProcessor
+from adatok_vlm.registration import register
+from adatok_vlm.tokenizer import pack_image_tokens
 from test_vlm import M, lm_config, text_tokenizer, tiny_adatok, tiny_vlm
 
 register()
@@ -203,3 +205,110 @@ def test_a_real_bpe_tokenizer_keeps_the_image_tokens_whole():
     assert "[BOI][IMG][IMG][IMG][EOI]" in text.replace(" ", "")
     assert tok.decode(out["input_ids"][0], skip_special_tokens=True).replace(" ", "").startswith("Drawacat:")
     assert torch.isfinite(vlm(**out, labels=out["input_ids"]).loss)
+
+
+# ============================================================================================
+# understanding the standard way: processor -> generate -> text (issue 19 item 1)
+# ============================================================================================
+def test_auto_processor_finds_the_adatok_inside_a_saved_vlm(tmp_path):
+    """train_vlm saves the processor without an adatok/ copy: AutoProcessor reads the VLM's own AdaTok."""
+    vlm, tok = tiny_vlm("llama", seed=3)
+    vlm.save_pretrained(tmp_path)
+    AdaTokVLMProcessor(AdaTokImageProcessor(size=32), tok, adatok=None).save_pretrained(tmp_path)
+    assert not (tmp_path / "adatok").exists()
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert processor.adatok is not None and not any(p.requires_grad for p in processor.adatok.parameters())
+    mine, theirs = vlm.adatok.state_dict(), processor.adatok.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    inputs = processor(text=["<image> a", "<image>"], images=rand_images(2), num_image_tokens=torch.tensor([2, 5]),
+                       padding_side="left")
+    out = vlm.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+    assert isinstance(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:]), str)
+
+
+def test_generate_writes_text_only_even_when_the_lm_prefers_image_tokens():
+    """A text-to-image model asked for text must not emit [IMG] (and then fail on it): image ids are suppressed."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    vlm, tok = tiny_vlm("llama", seed=1)
+    c = vlm.config
+    image_ids = [c.boi_token_id, c.img_token_id, c.eoi_token_id]
+
+    class PreferImageTokens(LogitsProcessor):   # the LM's favourite next tokens are the image tokens
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            scores[:, image_ids] = 100.0
+            return scores
+
+    processor = AdaTokVLMProcessor.from_model(vlm, tok)
+    inputs = processor(text=["<image> the", "a cat <image>"], images=rand_images(2), num_image_tokens=3,
+                       padding_side="left")
+    out = vlm.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([PreferImageTokens()]))
+    new = out[:, inputs["input_ids"].shape[1]:]
+    assert new.shape == (2, 4)
+    assert not torch.isin(new, torch.tensor(image_ids)).any()
+
+
+@pytest.mark.parametrize("rule", ["auto", 3, {"max_mse": 0.05}, {"mean_budget": 6}])
+def test_num_image_tokens_rules_reach_generate(rule):
+    """Every length rule the issue names (policy, fixed, the quality dial, a mean budget) gives a batch that
+    generates; the [IMG] count per row equals the lengths AdaTok chose."""
+    vlm, tok = tiny_vlm("llama", seed=2)
+    vlm.adatok.enable_policy()
+    vlm.adatok.eval()
+    processor = AdaTokVLMProcessor.from_model(vlm, tok)
+    images = rand_images(3, seed=5)
+    inputs = processor(text=["<image>"] * 3, images=images, num_image_tokens=rule, padding_side="left")
+    want = vlm.adatok.encode(images, num_tokens=rule).lengths.cpu()
+    assert torch.equal(inputs["image_lengths"], want)
+    assert (inputs["input_ids"] == vlm.config.img_token_id).sum(1).tolist() == want.tolist()
+    captions = vlm.caption(processor, images, num_image_tokens=rule, max_new_tokens=2)
+    assert len(captions) == 3 and all(isinstance(t, str) for t in captions)
+
+
+def test_answer_uses_the_chat_template_when_the_tokenizer_has_one():
+    vlm, tok = tiny_vlm("llama", seed=2)
+    processor = AdaTokVLMProcessor.from_model(vlm, tok)
+    assert vlm.answer_prompt(processor, "the cat") == ("<image>the cat", {})
+    tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }} is{% endfor %}"
+    assert vlm.answer_prompt(processor, "the cat") == ("<s><image>\nthe cat is", {"add_special_tokens": False})
+    assert vlm.answer_prompt(processor, "a", prompt_template="{question} {image}") == ("a <image>", {})
+    answers = vlm.answer(processor, rand_images(2), question="the cat", num_image_tokens=2, max_new_tokens=2)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(ValueError, match="prompt_template"):
+        vlm.answer(processor, rand_images(1), prompt_template="no image here", num_image_tokens=2)
+
+
+def test_loading_without_import_adatok_vlm_asks_for_it_or_works_with_trust_remote_code(tmp_path):
+    """In a fresh interpreter that never imports adatok_vlm, AutoProcessor on a VLM folder must not silently
+    give a plain text tokenizer; with trust_remote_code=True it (and AutoModelForCausalLM) load ours."""
+    import subprocess
+    import sys
+
+    vlm, tok = tiny_vlm("llama")
+    vlm.save_pretrained(tmp_path)
+    AdaTokVLMProcessor(AdaTokImageProcessor(size=32), tok, adatok=None).save_pretrained(tmp_path)
+    script = f"""
+import transformers
+d = {str(tmp_path)!r}
+for cls in (transformers.AutoProcessor, transformers.AutoModelForCausalLM):
+    try:
+        got = cls.from_pretrained(d)
+        print("LOADED", type(got).__name__)
+    except ValueError as err:
+        print("REFUSED", "trust_remote_code" in str(err))
+p = transformers.AutoProcessor.from_pretrained(d, trust_remote_code=True)
+m = transformers.AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+print("REMOTE", type(p).__name__, p.adatok is not None, type(m).__name__)
+"""
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         stdin=subprocess.DEVNULL, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    # (transformers' "[y/N]" question, answered by the closed stdin, precedes a refusal on the same line)
+    lines = [line[min(line.find(m) for m in ("LOADED", "REFUSED", "REMOTE") if m in line):]
+             for line in run.stdout.splitlines() if any(m in line for m in ("LOADED", "REFUSED", "REMOTE"))]
+    assert lines == ["REFUSED True", "REFUSED True", "REMOTE AdaTokVLMProcessor True AdaTokVLMForCausalLM"]

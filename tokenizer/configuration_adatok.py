@@ -16,7 +16,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .validation import check_model_type
+from .loading import check_config_source
+from .validation import check_size_bounds, estimate_adatok_parameters
 
 LATENT_SPACES = ("pixel", "vae")
 BOTTLENECKS = ("continuous", "fsq")
@@ -41,6 +42,11 @@ class AdaTokConfig(PretrainedConfig):
             (and its size counted) without the VAE's weights.
         vae_scaling_factor / vae_shift_factor (`float`, *optional*): latent normalisation
             ``(z - shift) * scale``; default to the values in ``vae_config``.
+        vae_latent_mean / vae_latent_std (`list[float]`, *optional*): per-channel latent normalisation
+            ``(z - mean_c) / std_c`` (VA-VAE, LightningDiT), one value per latent channel; it replaces the
+            scalar pair. ``None`` takes them from ``vae_config``'s ``latents_mean`` / ``latents_std``, else
+            from the ``config.json`` at ``vae_path`` (where ``adatok latent-stats`` writes them) when the
+            VAE weights are read, unless a scalar factor is set; they are then saved in the model's buffers.
         patch_size (`int`): patch side in the latent grid.
         hidden_size / num_encoder_layers / num_attention_heads: the ViT encoder.
         decoder_hidden_size / num_decoder_layers / decoder_num_attention_heads: the ViT decoder
@@ -90,6 +96,8 @@ class AdaTokConfig(PretrainedConfig):
     vae_random_init: bool = False
     vae_scaling_factor: float | None = None
     vae_shift_factor: float | None = None
+    vae_latent_mean: list[float] | None = None
+    vae_latent_std: list[float] | None = None
     patch_size: int = 4
     hidden_size: int = 128
     num_encoder_layers: int = 4
@@ -144,10 +152,15 @@ class AdaTokConfig(PretrainedConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Like ``PretrainedConfig.from_pretrained``, but a ``config.json`` of another ``model_type`` is a
-        ``ValueError`` (transformers only warns and builds a default config)."""
-        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        check_model_type(config_dict, cls.model_type, pretrained_model_name_or_path)
+        ``ValueError`` (transformers only warns and builds a default config). A missing path or
+        ``config.json``, or one that is not a JSON object, is named first, without any network call
+        (``loading.check_config_source``; nothing downloads unless ``local_files_only=False``)."""
+        check_config_source(cls, pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """No-op: the class lives in the installed package (see ``AdaTokPreTrainedModel.register_for_auto_class``)."""
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -217,6 +230,11 @@ class AdaTokConfig(PretrainedConfig):
                 f"AdaTokConfig.image_size {self.image_size} is not divisible by the VAE's downsampling "
                 f"factor {self.latent_downsample}"
             )
+        check_size_bounds(
+            "AdaTokConfig", self,
+            {"num_latent_tokens": self.num_latent_tokens, "num_patches (from image_size / patch_size)": self.num_patches},
+            ("hidden_size", "num_encoder_layers", "decoder_hidden_size", "num_decoder_layers", "mlp_ratio",
+             "num_latent_tokens", "image_size", "patch_size"), estimate_adatok_parameters(self))
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -267,8 +285,8 @@ VAE_ARCHITECTURES: dict[str, dict] = {
     "va-vae-f16d32": {
         "in_channels": 3,
         "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 5,
-        "up_block_types": ["UpDecoderBlock2D"] * 5,
+        "down_block_types": ["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D"],
+        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 4,
         "block_out_channels": [128, 128, 256, 256, 512],
         "layers_per_block": 2,
         "latent_channels": 32,
@@ -301,6 +319,16 @@ ADATOK_PRESETS: dict[str, dict] = {
     # 0.0137 at 32 after 1500 steps); sending 75% of samples through at full length gives 0.0142 at
     # 4 vs 0.0125 at 32 (a better full length, more use of the later tokens).
     "adatok-tiny": dict(
+        image_size=32, latent_space="pixel", patch_size=8,
+        hidden_size=128, num_encoder_layers=4, num_attention_heads=4,
+        decoder_hidden_size=128, num_decoder_layers=4, decoder_num_attention_heads=4,
+        num_latent_tokens=32, token_dim=16, ntm_min_tokens=1, ntm_full_prob=0.75,
+    ),
+    # 32x32 RGB natural photos (`make demo`, training/natural_images.py): adatok-tiny's shape, which no
+    # short measured variant beat (log-uniform prefixes, full-length share 0.25/0.5, token dim 4/8 all
+    # stayed as flat and were no lower at 400-800 steps); its own name so the natural recipe can change
+    # without touching the Fashion-MNIST one. Numbers: benchmarks/results/natural_recipe_search.md.
+    "adatok-natural": dict(
         image_size=32, latent_space="pixel", patch_size=8,
         hidden_size=128, num_encoder_layers=4, num_attention_heads=4,
         decoder_hidden_size=128, num_decoder_layers=4, decoder_num_attention_heads=4,

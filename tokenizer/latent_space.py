@@ -12,6 +12,7 @@ Nothing here downloads: a VAE loads from a local folder or the local Hugging Fac
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -34,20 +35,85 @@ class PixelLatentSpace(nn.Module):
         return (latents + 1.0) * 0.5
 
 
-class VAELatentSpace(nn.Module):
-    """A frozen ``diffusers.AutoencoderKL`` with latent normalisation ``(z - shift) * scale``.
+def load_pretrained_vae(path: str | os.PathLike):
+    """A ``diffusers.AutoencoderKL`` from a local folder (or a repo id already in the local HF cache).
 
-    The architecture is built from ``vae_config`` (so the tokenizer can be built, counted and
-    loaded with ``from_pretrained`` without the original VAE files: its weights are part of an
-    AdaTok checkpoint). The VAE's own weights are read from ``vae_path`` the first time the space is
-    used, unless they came with a checkpoint. ``random_init=True`` declares the randomly initialised
-    VAE intended (tests); otherwise using the space without weights is an error naming ``vae_path``. The VAE never trains: its parameters have ``requires_grad=False`` and it stays in eval
-    mode whatever ``train()`` is called with.
+    Never downloads. A missing or unreadable folder is a ``FileNotFoundError`` naming the path and what
+    belongs there (a folder written by ``adatok convert-vae`` or ``save_pretrained``).
+    """
+    from diffusers import AutoencoderKL
+
+    local = Path(os.path.expanduser(os.fspath(path)))
+    try:
+        return AutoencoderKL.from_pretrained(str(local) if local.exists() else os.fspath(path), local_files_only=True)
+    except (OSError, EnvironmentError, ValueError) as err:
+        raise FileNotFoundError(
+            f"AdaTok needs the VAE weights at vae_path={os.fspath(path)!r}: put a diffusers AutoencoderKL folder "
+            "(config.json + diffusion_pytorch_model.safetensors) there (`adatok convert-vae --checkpoint FILE "
+            "--arch va-vae-f16d32 --out DIR` writes one from a released checkpoint), or download the repo into "
+            "the local Hugging Face cache beforehand (`hf download <repo>`); nothing is downloaded at run time. "
+            f"Original error: {err}"
+        ) from err
+
+
+@torch.no_grad()
+def vae_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The un-normalised latents of ``pixels`` in [0, 1]: the posterior mean (the mode) of ``vae``, in its dtype.
+
+    The one definition of "the latent of an image" shared by :class:`VAELatentSpace` and the
+    ``latent-stats`` command, so the statistics are measured on exactly what the space normalises.
+    """
+    dtype = next(vae.parameters()).dtype
+    return vae.encode((pixels * 2.0 - 1.0).to(dtype)).latent_dist.mode()
+
+
+def check_latent_stats(mean, std, num_channels: int, where: str = "vae_latent_mean/vae_latent_std") -> tuple[list, list]:
+    """Validate per-channel latent statistics: two lists of ``num_channels`` finite floats, every std > 0."""
+    if (mean is None) != (std is None):
+        raise ValueError(f"{where}: give both the per-channel mean and std or neither, got mean={mean!r}, std={std!r}")
+    values = []
+    for name, value in (("mean", mean), ("std", std)):
+        try:
+            value = [float(v) for v in value]
+        except (TypeError, ValueError):
+            raise TypeError(f"{where}: the {name} must be a list of {num_channels} floats, got {value!r}") from None
+        if len(value) != num_channels:
+            raise ValueError(f"{where}: the {name} must have one value per latent channel ({num_channels}), got {len(value)}")
+        if not all(math.isfinite(v) for v in value) or (name == "std" and min(value) <= 0):
+            raise ValueError(f"{where}: the {name} must be finite{' and > 0' if name == 'std' else ''}, got {value}")
+        values.append(value)
+    return values[0], values[1]
+
+
+class VAELatentSpace(nn.Module):
+    """A frozen ``diffusers.AutoencoderKL`` with its latents normalised.
+
+    Two normalisations, never both:
+
+    - per channel (VA-VAE / LightningDiT): ``(z - mean_c) / std_c`` with the statistics
+      ``adatok latent-stats`` measures over training images;
+    - scalar (SD-VAE): ``(z - shift) * scale`` with ``scaling_factor`` / ``shift_factor``.
+
+    The statistics come from ``latent_mean`` / ``latent_std`` (``AdaTokConfig.vae_latent_mean`` /
+    ``vae_latent_std``), else from ``vae_config``'s ``latents_mean`` / ``latents_std`` (diffusers' own
+    AutoencoderKL fields), else -- when no scalar factor was given explicitly either -- from the
+    ``config.json`` of the folder at ``vae_path`` when the weights are read from it (``latent-stats``
+    writes them there). They live in buffers, so a saved AdaTok checkpoint keeps them. Without any
+    statistics the scalar path applies.
+
+    The architecture is built from ``vae_config`` (so the tokenizer can be built, counted and loaded
+    with ``from_pretrained`` without the original VAE files: its weights are part of an AdaTok
+    checkpoint). The VAE's own weights are read from ``vae_path`` the first time the space is used,
+    unless they came with a checkpoint. ``random_init=True`` declares the randomly initialised VAE
+    intended (tests); otherwise using the space without weights is an error naming ``vae_path``. The
+    VAE never trains: its parameters have ``requires_grad=False`` and it stays in eval mode whatever
+    ``train()`` is called with.
     """
 
     def __init__(self, vae_config: dict, vae_path: str | None = None,
                  scaling_factor: float | None = None, shift_factor: float | None = None,
-                 random_init: bool = False):
+                 random_init: bool = False, latent_mean: list[float] | None = None,
+                 latent_std: list[float] | None = None):
         super().__init__()
         from diffusers import AutoencoderKL
 
@@ -60,6 +126,25 @@ class VAELatentSpace(nn.Module):
         self.shift_factor = float(shift_factor if shift_factor is not None else (arch.get("shift_factor") or 0.0))
         self.downsample = 2 ** (len(arch["block_out_channels"]) - 1)
         self.num_channels = int(arch["latent_channels"])
+        explicit_scalar = scaling_factor is not None or shift_factor is not None
+        if latent_mean is not None or latent_std is not None:
+            if explicit_scalar:
+                raise ValueError(
+                    "vae_latent_mean/vae_latent_std replace vae_scaling_factor/vae_shift_factor: set one "
+                    f"normalisation, got both (scaling {scaling_factor!r}, shift {shift_factor!r})"
+                )
+            stats = check_latent_stats(latent_mean, latent_std, self.num_channels)
+        elif not explicit_scalar and (arch.get("latents_mean") is not None or arch.get("latents_std") is not None):
+            stats = check_latent_stats(arch.get("latents_mean"), arch.get("latents_std"), self.num_channels,
+                                       "vae_config latents_mean/latents_std")
+        else:
+            stats = None
+        # Explicit settings win: the VAE folder's statistics are adopted only when nothing was chosen here.
+        self.adopt_folder_stats = stats is None and not explicit_scalar
+        mean, std = stats if stats is not None else ([0.0] * self.num_channels, [1.0] * self.num_channels)
+        self.register_buffer("latent_mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("latent_std", torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("has_latent_stats", torch.tensor(stats is not None))
         # Saved with the checkpoint: once weights are in, a reloaded model never looks for vae_path.
         self.register_buffer("weights_loaded", torch.tensor(bool(random_init)))
 
@@ -69,9 +154,7 @@ class VAELatentSpace(nn.Module):
         return self
 
     def load_vae_weights(self) -> None:
-        """Read the frozen VAE's weights from ``vae_path`` (a folder or a repo id in the local HF cache)."""
-        from diffusers import AutoencoderKL
-
+        """Read the frozen VAE's weights (and, unless set, its per-channel statistics) from ``vae_path``."""
         path = self.vae_path
         if path is None:
             raise FileNotFoundError(
@@ -79,50 +162,69 @@ class VAELatentSpace(nn.Module):
                 "diffusers AutoencoderKL folder (or a repo id already in the local Hugging Face cache), e.g. "
                 "`--model.vae_path /data/vavae-f16d32-diffusers`; vae_random_init=True is for tests only"
             )
-        local = Path(os.path.expanduser(path))
-        try:
-            pretrained = AutoencoderKL.from_pretrained(str(local) if local.exists() else path, local_files_only=True)
-        except (OSError, EnvironmentError, ValueError) as err:
-            raise FileNotFoundError(
-                f"AdaTok needs the VAE weights at vae_path={path!r}: put a diffusers AutoencoderKL folder "
-                "(config.json + diffusion_pytorch_model.safetensors) there, or download the repo into the "
-                "local Hugging Face cache beforehand (`hf download <repo>`); nothing is downloaded at run time. "
-                f"Original error: {err}"
-            ) from err
+        pretrained = load_pretrained_vae(path)
         missing, unexpected = self.vae.load_state_dict(pretrained.state_dict(), strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"the VAE at vae_path={path!r} does not match AdaTokConfig.vae_config: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}; pass that VAE's config as vae_config"
             )
+        folder_mean = getattr(pretrained.config, "latents_mean", None)
+        folder_std = getattr(pretrained.config, "latents_std", None)
+        if self.adopt_folder_stats and not bool(self.has_latent_stats) and folder_mean is not None:
+            mean, std = check_latent_stats(folder_mean, folder_std, self.num_channels,
+                                           f"latents_mean/latents_std in {path}/config.json")
+            self.latent_mean.copy_(torch.tensor(mean))
+            self.latent_std.copy_(torch.tensor(std))
+            self.has_latent_stats.fill_(True)
         self.weights_loaded.fill_(True)
 
     def _ensure_weights(self) -> None:
         if not bool(self.weights_loaded):
             self.load_vae_weights()
 
+    def _channel_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.num_channels, 1, 1)
+        return (self.latent_mean.to(like.device, torch.float32).view(shape),
+                self.latent_std.to(like.device, torch.float32).view(shape))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents ``[B, C, h, w]`` -> the normalised latents AdaTok reads (float32 arithmetic)."""
+        if bool(self.has_latent_stats):
+            mean, std = self._channel_stats(z)
+            return (z.float() - mean) / std
+        return (z.float() - self.shift_factor) * self.scaling_factor
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize` (differentiable: losses back-propagate through it)."""
+        if bool(self.has_latent_stats):
+            mean, std = self._channel_stats(latents)
+            return latents.float() * std + mean
+        return latents.float() / self.scaling_factor + self.shift_factor
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         self._ensure_weights()
-        dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode((pixels * 2.0 - 1.0).to(dtype)).latent_dist
-        return ((posterior.mean - self.shift_factor) * self.scaling_factor).to(pixels.dtype)
+        return self.normalize(vae_latents(self.vae, pixels)).to(pixels.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         # Not under no_grad: perceptual and adversarial losses back-propagate through the frozen decoder.
         self._ensure_weights()
         dtype = next(self.vae.parameters()).dtype
-        z = latents.to(dtype) / self.scaling_factor + self.shift_factor
+        z = self.denormalize(latents).to(dtype)
         return ((self.vae.decode(z).sample + 1.0) * 0.5).to(latents.dtype)
 
 
 def build_latent_space(latent_space: str, num_channels: int = 3, vae_config: dict | None = None,
                        vae_path: str | None = None, scaling_factor: float | None = None,
-                       shift_factor: float | None = None, vae_random_init: bool = False) -> nn.Module:
+                       shift_factor: float | None = None, vae_random_init: bool = False,
+                       latent_mean: list[float] | None = None, latent_std: list[float] | None = None) -> nn.Module:
+    """The latent space named ``latent_space`` (``"pixel"`` or ``"vae"``); see the classes above for the arguments."""
     if latent_space == "pixel":
         return PixelLatentSpace(num_channels)
     if latent_space == "vae":
         if vae_config is None:
             raise ValueError("latent_space='vae' needs vae_config (an AutoencoderKL config dict)")
-        return VAELatentSpace(vae_config, vae_path, scaling_factor, shift_factor, vae_random_init)
+        return VAELatentSpace(vae_config, vae_path, scaling_factor, shift_factor, vae_random_init,
+                              latent_mean, latent_std)
     raise ValueError(f"latent_space must be 'pixel' or 'vae', got {latent_space!r}")

@@ -33,11 +33,11 @@ from transformers.utils import ModelOutput
 from .allocation import binary_search_lengths, oracle_lengths
 from .configuration_adatok import AdaTokConfig
 from .latent_space import VAELatentSpace, build_latent_space
+from .loading import load_checked
 from .policy import QualityCurveHead, TokenLengthPolicy, allocate_budget, length_grid
 from .quantizer import FSQBottleneck, build_bottleneck
 from .rewards import RewardSpec
-from .validation import (check_lengths, check_pixel_values, check_positive_number, check_tokens,
-                         load_pretrained_strictly, resolve_num_tokens)
+from .validation import check_lengths, check_pixel_values, check_positive_number, check_tokens, resolve_num_tokens
 
 LENGTH_MODES = ("auto", "sample", "search", "oracle")
 
@@ -50,12 +50,41 @@ def token_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def pack_image_tokens(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Padded ``tokens [B, L, D]`` + ``lengths [B]`` -> packed ``[sum(lengths), D]`` (image order kept)."""
+    return tokens[token_mask(lengths.to(tokens.device), tokens.shape[1])]
+
+
+def unpack_image_tokens(packed: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Packed ``[sum(lengths), D]`` -> padded ``[B, max(lengths), D]`` (zeros past each length)."""
+    lengths = lengths.to(packed.device)
+    out = packed.new_zeros(lengths.shape[0], int(lengths.max()), packed.shape[-1])
+    out[token_mask(lengths, out.shape[1])] = packed
+    return out
+
+
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]``, patches in row-major order."""
     b, c, h, w = x.shape
     p = patch_size
     x = x.reshape(b, c, h // p, p, w // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def check_latents(latents, channels: int, grid: int, name: str = "latents") -> None:
+    """``latents`` must be a finite float tensor ``[B, channels, grid, grid]`` with B >= 1 (the normalised
+    latents the latent space's ``encode`` returns)."""
+    expected = f"[B, {channels}, {grid}, {grid}]"
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected} (normalised latents), got "
+                        f"{type(latents).__name__}")
+    if not latents.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of normalised latents, got {latents.dtype}")
+    if latents.dim() != 4 or latents.shape[0] == 0 or tuple(latents.shape[1:]) != (channels, grid, grid):
+        raise ValueError(f"{name} must have shape {expected} with B >= 1 (this model's latent grid), "
+                         f"got {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: int) -> torch.Tensor:
@@ -223,9 +252,72 @@ class AdaTokPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
         """``PreTrainedModel.from_pretrained``, strict: weights from safetensors only, and any missing,
         unexpected or shape-mismatched weight (or a ``config.json`` of another ``model_type``) raises a
-        ``ValueError`` naming it. ``strict=False`` restores transformers' warn-and-reinitialise."""
-        return load_pretrained_strictly(super().from_pretrained, cls.__name__, pretrained_model_name_or_path,
-                                        model_args, kwargs, strict)
+        ``ValueError`` naming it. ``strict=False`` restores transformers' warn-and-reinitialise.
+
+        Before anything is built (``loading.load_checked``): a missing local path, subfolder or
+        ``config.json`` is a ``FileNotFoundError`` without any network call, a ``config.json`` that is
+        not an object or of another model a ``ValueError`` naming the class to use, a damaged or
+        pickle-only weights file an ``OSError`` naming it. Nothing downloads unless
+        ``local_files_only=False``."""
+        return load_checked(super().from_pretrained, cls, pretrained_model_name_or_path, model_args, kwargs, strict)
+
+    # ------------------------------------------------------------------ saving
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """No-op. transformers calls it after a ``trust_remote_code`` load so that saving copies the class's
+        source file; ours lives in the installed package and :meth:`save_pretrained` writes the ``auto_map``."""
+
+    def save_pretrained(self, save_directory, *args, model_card: dict | None = None, **kwargs):
+        """``PreTrainedModel.save_pretrained`` (safetensors), plus a ``README.md`` model card (config summary,
+        preset, training data/steps/metrics from ``model_card={"training": {...}, "metrics": {...}}`` or a
+        ``training_info.json`` already in the folder) and the ``auto_map`` that loads the folder without
+        ``import adatok_vlm`` (with ``trust_remote_code=True``). ``push_to_hub=True`` pushes all of it."""
+        from .model_card import card_sections, save_for_hub
+
+        def card(folder):
+            training, metrics = card_sections(folder, model_card)
+            self.write_model_card(folder, training, metrics)
+
+        return save_for_hub(self, super().save_pretrained, save_directory, args, kwargs,
+                            {"AutoConfig": "AdaTokConfig", "AutoModel": "AdaTokModel"}, write_card=card)
+
+    def write_model_card(self, save_directory, training: dict | None = None, metrics: dict | None = None):
+        """Write ``save_directory/README.md`` for this tokenizer (see :mod:`adatok_vlm.tokenizer.model_card`)."""
+        from .configuration_adatok import ADATOK_PRESETS
+        from .model_card import closest_preset, write_model_card
+
+        c = self.config
+        preset, overrides = closest_preset(c.to_dict(), ADATOK_PRESETS)
+        summary = {
+            "parameters (trainable / all)": f"{self.num_parameters(only_trainable=True):,} / {self.num_parameters():,}",
+            "image_size": c.image_size,
+            "latent_space": c.latent_space + (f" ({c.vae_path})" if c.vae_path else ""),
+            "patch_size (patches)": f"{c.patch_size} ({c.num_patches})",
+            "encoder (hidden, layers, heads)": f"{c.hidden_size}, {c.num_encoder_layers}, {c.num_attention_heads}",
+            "decoder (hidden, layers, heads)": f"{c.decoder_hidden_size}, {c.num_decoder_layers}, "
+                                               f"{c.decoder_num_attention_heads}",
+            "max tokens (m)": c.num_latent_tokens,
+            "token_dim": c.token_dim,
+            "bottleneck": c.bottleneck + (f" {c.fsq_levels}" if c.bottleneck == "fsq" else f", {c.token_regularizer}"),
+            "NTM keep range": f"[{c.ntm_min_tokens}, {c.ntm_max_tokens}] {c.ntm_distribution}, full {c.ntm_full_prob}",
+            "length policy (num_tokens='auto')": (f"lengths {c.policy_min_tokens}..{c.policy_max_tokens} step "
+                                                  f"{c.policy_step}, {c.reward_kind} reward")
+                                                 if c.policy_enabled else "none (stage 1 only)",
+        }
+        usage = ("import adatok_vlm, transformers\n"
+                 "model = transformers.AutoModel.from_pretrained(FOLDER)\n"
+                 "processor = transformers.AutoImageProcessor.from_pretrained(FOLDER)\n"
+                 "pixel_values = processor(images, return_tensors='pt')['pixel_values']\n"
+                 "enc = model.encode(pixel_values, num_tokens=" + ("'auto'" if c.policy_enabled else "8") + ")\n"
+                 "images = model.decode(enc.tokens, enc.lengths)")
+        description = ("An AdaTok image tokenizer: a 1D ViT tokenizer whose every token prefix reconstructs the "
+                       f"image (Nested Tail Masking), 1 to {c.num_latent_tokens} tokens of {c.token_dim} channels "
+                       "per image" + (", with the length policy that chooses the count per image." if c.policy_enabled
+                                      else "."))
+        return write_model_card(save_directory, c.model_type, "AdaTok image tokenizer", description, summary,
+                                preset=preset, overrides=overrides, training=training or None,
+                                metrics=metrics or None, usage=usage, tags=["image-tokenizer"],
+                                pipeline_tag="image-feature-extraction")
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -262,6 +354,7 @@ class AdaTokModel(AdaTokPreTrainedModel):
         self.latent_space = build_latent_space(
             config.latent_space, config.num_channels, config.vae_config, config.vae_path,
             config.vae_scaling_factor, config.vae_shift_factor, config.vae_random_init,
+            latent_mean=config.vae_latent_mean, latent_std=config.vae_latent_std,
         )
         m, n = config.num_latent_tokens, config.num_patches
         self.encoder = AdaTokEncoder(config.patch_dim, n, m, config.hidden_size, config.num_encoder_layers,
@@ -359,9 +452,15 @@ class AdaTokModel(AdaTokPreTrainedModel):
             lengths = torch.where(full, torch.full_like(lengths, b), lengths)
         return lengths.to(device)
 
-    def forward_encoder(self, pixel_values: torch.Tensor, sample: bool = False):
-        """Pixels ``[B, 3, H, W]`` -> (tokens ``[B, m, D]``, hidden ``[B, n+m, dim]``, target latents, aux loss)."""
-        latents = self.latent_space.encode(pixel_values)                  # [B, C, h, w]
+    def forward_encoder(self, pixel_values: torch.Tensor | None = None, sample: bool = False,
+                        latents: torch.Tensor | None = None):
+        """Pixels ``[B, 3, H, W]`` -> (tokens ``[B, m, D]``, hidden ``[B, n+m, dim]``, target latents, aux loss).
+
+        ``latents`` (normalised, ``[B, latent_channels, grid, grid]``: what ``latent_space.encode`` returns, e.g.
+        ``latent_space.normalize`` of a latent cache's entries) replaces the pixels: the latent space's encoder
+        (the frozen VAE) is not run; they are the target latents returned."""
+        if latents is None:
+            latents = self.latent_space.encode(pixel_values)              # [B, C, h, w]
         patches = patchify(latents, self.config.patch_size)               # [B, n, p*p*C]
         suffix, hidden = self.encoder(patches)                            # [B, m, dim], [B, n+m, dim]
         tokens, aux = self.bottleneck(suffix, sample=sample)              # [B, m, D]
@@ -497,29 +596,48 @@ class AdaTokModel(AdaTokPreTrainedModel):
         recon = self.decode(enc.tokens, enc.lengths)
         return (recon.float() - pixel_values.float()).pow(2).flatten(1).mean(1)
 
-    def forward(self, pixel_values: torch.Tensor, num_tokens=None, return_reconstruction: bool = True,
-                generator: torch.Generator | None = None, return_dict: bool = True) -> AdaTokOutput:
+    def forward(self, pixel_values: torch.Tensor | None = None, num_tokens=None, return_reconstruction: bool = True,
+                generator: torch.Generator | None = None, return_dict: bool = True,
+                latents: torch.Tensor | None = None) -> AdaTokOutput:
         """Nested Tail Masking forward (paper Sec. 4.1).
 
         In training mode each sample keeps its own random prefix (``config.ntm_*``) unless
         ``num_tokens`` is given; in eval mode all ``m`` tokens are kept by default. The loss is the
         mean squared error in the latent space (plus the KL term of a ``"kl"`` regulariser).
+
+        Give exactly one input: ``pixel_values`` (float ``[B, 3, H, W]`` in [0, 1]), or ``latents`` (the
+        normalised latents ``latent_space.encode`` would give, ``[B, latent_channels, grid, grid]``: a latent
+        cache's, so the frozen VAE encoder never runs). The loss computed here lives in the latent space
+        only, so it never needs the pixels; the pixel-space terms of eq. 5 (LPIPS, GAN, pixel L2) are the
+        caller's, computed from ``reconstruction`` against the caller's own pixels. Both at once is a
+        ``ValueError`` (one of them would be ignored).
         """
-        check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels)
+        if (pixel_values is None) == (latents is None):
+            raise ValueError("forward() takes exactly one of pixel_values (images [B, 3, H, W] in [0, 1]) and latents "
+                             "(normalised latents [B, C, h, w], e.g. from a latent cache), got "
+                             + ("both" if latents is not None else "neither"))
+        if latents is not None:
+            check_latents(latents, self.config.latent_channels, self.config.latent_grid_size)
+            source = latents
+        else:
+            check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels)
+            source = pixel_values
         if isinstance(num_tokens, str):
             raise ValueError(f"forward() takes num_tokens as None, an int or a LongTensor [B], got {num_tokens!r}")
-        b = pixel_values.shape[0]
+        b = source.shape[0]
         if num_tokens is None and self.training:
-            lengths = self.sample_ntm_lengths(b, pixel_values.device, generator)
+            lengths = self.sample_ntm_lengths(b, source.device, generator)
         else:
-            lengths = resolve_num_tokens(num_tokens, b, self.num_latent_tokens, pixel_values.device)
-        tokens, _, target, aux = self.forward_encoder(pixel_values.to(self.dtype), sample=self.training)
-        latents = self.forward_decoder(tokens, lengths)                   # [B, C, h, w]
-        recon_loss = F.mse_loss(latents.float(), target.float())
+            lengths = resolve_num_tokens(num_tokens, b, self.num_latent_tokens, source.device)
+        given = source.to(self.dtype)
+        tokens, _, target, aux = (self.forward_encoder(latents=given, sample=self.training) if latents is not None
+                                  else self.forward_encoder(given, sample=self.training))
+        predicted = self.forward_decoder(tokens, lengths)                 # [B, C, h, w]
+        recon_loss = F.mse_loss(predicted.float(), target.float())
         loss = recon_loss + self.config.kl_weight * aux
-        reconstruction = self.latent_space.decode(latents) if return_reconstruction else None
+        reconstruction = self.latent_space.decode(predicted) if return_reconstruction else None
         out = AdaTokOutput(loss=loss, recon_loss=recon_loss, kl_loss=aux, reconstruction=reconstruction,
-                           latents=latents, target_latents=target, lengths=lengths, tokens=tokens)
+                           latents=predicted, target_latents=target, lengths=lengths, tokens=tokens)
         return out if return_dict else out.to_tuple()
 
     def last_layer_weight(self) -> torch.Tensor:

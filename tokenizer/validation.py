@@ -88,8 +88,10 @@ def resolve_num_tokens(num_tokens, batch_size: int, max_length: int, device: tor
         return torch.full((batch_size,), int(num_tokens), dtype=torch.long, device=device)
     if isinstance(num_tokens, torch.Tensor):
         if num_tokens.dim() == 0:
-            return resolve_num_tokens(int(num_tokens) if not num_tokens.is_floating_point() else num_tokens.item(),
-                                      batch_size, max_length, device, name)
+            # torch.tensor(True) would otherwise pass as the int 1: a bool is never a count
+            if num_tokens.dtype == torch.bool or num_tokens.is_floating_point() or num_tokens.is_complex():
+                raise TypeError(f"{name} must be an int, a LongTensor [B] or a mode string, got {_describe(num_tokens)}")
+            return resolve_num_tokens(int(num_tokens), batch_size, max_length, device, name)
         return check_lengths(num_tokens, batch_size, max_length, name).to(device)
     raise TypeError(f"{name} must be None, an int, a LongTensor [B] or a mode string, got {_describe(num_tokens)}")
 
@@ -154,3 +156,55 @@ def load_pretrained_strictly(load, cls_name: str, source, model_args: tuple, kwa
                          + "; ".join(problems) + ". Pass strict=False to load anyway (transformers then warns and "
                          "initialises the missing or mismatched weights randomly)")
     return (model, info) if want_info else model
+
+
+# ============================================================================================
+# config sizes: bounded before anything is allocated
+# ============================================================================================
+# A config.json with ``num_latent_tokens: 10**12`` or ``hidden_size: 10**6`` would otherwise only fail
+# once the model tries to allocate terabytes. Both bounds lie far above every preset (the largest,
+# dit-xl, has ~0.68B parameters and 256 tokens; adatok-l ~0.3B and 256 tokens + 256 patches).
+MAX_PARAMETERS = 10**10          # 40 GB of float32 weights
+MAX_SEQUENCE_LENGTH = 65_536     # tokens or patches in one attention sequence
+
+
+def estimate_adatok_parameters(config) -> int:
+    """Approximate parameter count of an ``AdaTokModel`` from its config (within a few % of the real one,
+    without the frozen VAE): both ViTs, their position tables and queries, the heads."""
+    m, n, d = config.num_latent_tokens, config.num_patches, config.token_dim
+    per_layer = 4 + 2 * float(config.mlp_ratio)                    # attention 4 h^2 + MLP 2 r h^2
+    h, hd = config.hidden_size, config.decoder_hidden_size
+    encoder = config.num_encoder_layers * per_layer * h * h + (config.patch_dim + n + m) * h
+    decoder = config.num_decoder_layers * per_layer * hd * hd + (d + n + m) * hd + hd * config.patch_dim
+    policy = config.policy_num_layers * config.policy_hidden_size ** 2 + config.policy_hidden_size * (h + m)
+    return int(encoder + decoder + 2 * h * d + (policy if config.policy_enabled else 0))
+
+
+def estimate_dit_parameters(config) -> int:
+    """Approximate parameter count of an ``AdaTokDiT`` from its config: adaLN-Zero blocks (attention,
+    MLP and the 6 h^2 modulation), embedders, position table, final layer."""
+    h = config.hidden_size
+    blocks = config.depth * (4 + 2 * float(config.mlp_ratio) + 6) * h * h
+    embedders = 2 * (256 * h + h * h) + (config.num_classes + 1) * h + (config.token_dim + config.max_tokens) * h
+    return int(blocks + embedders + 2 * h * h + h * config.token_dim)
+
+
+def check_size_bounds(owner: str, config, sequences: dict[str, int], size_fields: tuple[str, ...],
+                      parameters: int) -> None:
+    """Raise a ``ValueError`` naming the field(s) when a config would need an unreasonable allocation.
+
+    Args:
+        owner: the config class's name, for the message.
+        sequences: ``{"field (what)": length}`` of every attention sequence length the config implies.
+        size_fields: the fields the parameter count grows with (named, with their values, on failure).
+        parameters: the estimated parameter count.
+    """
+    for name, length in sequences.items():
+        if length > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"{owner}.{name} = {length} is more than the bound of {MAX_SEQUENCE_LENGTH} "
+                             "positions in one sequence (far above any preset); it would need an enormous allocation")
+    if parameters > MAX_PARAMETERS:
+        values = ", ".join(f"{name}={getattr(config, name)!r}" for name in size_fields)
+        raise ValueError(f"{owner}: {values} give about {parameters:.3g} parameters, more than the bound of "
+                         f"{MAX_PARAMETERS:.0e} ({4 * MAX_PARAMETERS / 1e9:.0f} GB in float32; the largest preset has "
+                         "under 1e9); reduce the largest of these fields")

@@ -7,6 +7,9 @@ as ``--section.field VALUE`` (values parsed as YAML, so ``--train.lr 3e-4``, ``-
 
 A YAML file may start from another with ``base: other.yaml`` (relative to itself); nested mappings
 are merged, so one base file plus small per-size overrides replace copied files.
+
+The project's own config files (``configs/``) ship inside the package as ``adatok_vlm.configs``;
+:func:`configs_dir` finds them in a regular install as in a source checkout.
 """
 
 from __future__ import annotations
@@ -20,7 +23,29 @@ from typing import Any
 import yaml
 
 SHORT_FLAGS = {"output_dir": "train.output_dir", "max_steps": "train.max_steps", "seed": "train.seed",
+               "overwrite": "train.overwrite",
                "resume": "train.resume"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped configs
+# ---------------------------------------------------------------------------------------------
+def configs_dir() -> Path:
+    """The folder of the project's config files (``configs/``: YAML, DeepSpeed JSON, VAE architectures).
+
+    They are package data (``adatok_vlm.configs``), so ``importlib.resources`` finds them wherever the
+    package is installed, a wheel included. An editable install made before ``configs/`` became a
+    package does not map it; there the checkout's ``configs/`` beside ``training/`` is the same folder.
+    """
+    from importlib.resources import files
+
+    try:
+        folder = Path(str(files("adatok_vlm.configs")))
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parents[1] / "configs"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the packaged configs folder is missing (looked in {folder}); reinstall adatok-vlm")
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +176,34 @@ def fill_dataclass(cls, values: dict, where: str = "config"):
     return cls(**kwargs)
 
 
+def check_fields(config_cls, section: dict, where: str = "model", extra: tuple[str, ...] = ("preset",)) -> None:
+    """Refuse keys of a free-form config section (``model:``, handed to a ``PretrainedConfig`` dataclass that
+    would keep any unknown key as an attribute) that are not fields of ``config_cls``: a misspelt
+    ``hiden_size`` is a ``ValueError`` naming it and the closest field, not silently ignored."""
+    import difflib
+
+    known = {f.name for f in dataclasses.fields(config_cls)} | set(extra)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
+                 else repr(key) for key in unknown]
+        raise ValueError(f"unknown field(s) in {where}: {', '.join(hints)}; {config_cls.__name__} has no such field")
+
+
+def build_model_config(section: dict):
+    """A config's ``model:`` section, ``{"preset": name, **overrides}`` (or plain fields) -> ``AdaTokConfig``.
+
+    The one reading of a tokenizer's model section: its trainer, the latent cache and the VAE
+    conversion all build the same config from it.
+    """
+    from ..tokenizer import AdaTokConfig
+
+    check_fields(AdaTokConfig, section)
+    section = dict(section)
+    preset = section.pop("preset", None)
+    return AdaTokConfig.from_preset(preset, **section) if preset else AdaTokConfig(**section)
+
+
 def parse_config(cls, argv: list[str] | None = None, default_config: str | None = None):
     """Parse ``--config FILE`` plus overrides into dataclass ``cls``; returns ``(config, raw_dict)``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -162,6 +215,14 @@ def parse_config(cls, argv: list[str] | None = None, default_config: str | None 
     raw = load_yaml(config_path) if config_path else {}
     raw = deep_merge(raw, overrides)
     return fill_dataclass(cls, raw), raw
+
+
+def exit_if_help(argv: list[str], usage: str, *classes) -> None:
+    """``-h``/``--help`` anywhere in ``argv``: print ``usage`` and each config class's fields, exit 0 (for
+    entry points that parse their overrides themselves, such as the demos)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print("\n\n".join([usage.strip(), *(config_help(c) for c in classes)]))
+        raise SystemExit(0)
 
 
 def config_help(cls) -> str:

@@ -1,7 +1,7 @@
 """Class-conditional generation demo: a tiny DiT over AdaTok tokens of Fashion-MNIST, on a CPU.
 
-    python -m adatok_vlm.training.demo --output_dir outputs/demo              # first: the tokenizer + policy
-    python -m adatok_vlm.training.demo_dit --tokenizer outputs/demo/model --output_dir outputs/demo_dit
+    python -m adatok_vlm.training.demo --demo fmnist --output_dir outputs/demo-fmnist   # first: tokenizer + policy
+    python -m adatok_vlm.training.demo_dit --tokenizer outputs/demo-fmnist/model --output_dir outputs/demo_dit
 
 Three steps, each an entry point of its own:
 
@@ -25,11 +25,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import deep_merge, fill_dataclass, load_yaml, parse_overrides
+from .config import configs_dir, deep_merge, exit_if_help, fill_dataclass, load_yaml, parse_overrides
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dit" / "dit-tiny.yaml"
+REPO_CONFIG = configs_dir() / "dit" / "dit-tiny.yaml"
 DEMO_DEFAULTS = {
-    "tokenizer": "outputs/demo/model",
+    "tokenizer": "outputs/demo-fmnist/model",
     "train": {"output_dir": "outputs/demo_dit"},
     "num_tokens": "auto",
     "images": {"dataset": "fashion_mnist", "train_split": "train", "resize_mode": "pad", "preload": True},
@@ -39,17 +39,18 @@ DEMO_DEFAULTS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..generator.sample_c2i import build_parser, sample
+    from ..sample_c2i import build_parser, sample
     from .extract_tokens import TokenExtractionConfig, extract
     from .train_dit import DiTTrainingConfig, train
 
+    exit_if_help(sys.argv[1:] if argv is None else list(argv), __doc__, DiTTrainingConfig)
     argv = sys.argv[1:] if argv is None else list(argv)
     config_path, overrides = parse_overrides(argv)
     raw = deep_merge(deep_merge(load_yaml(config_path or REPO_CONFIG), DEMO_DEFAULTS), overrides)
     tokenizer = Path(raw["tokenizer"])
     if not (tokenizer / "config.json").is_file():
         raise FileNotFoundError(f"--tokenizer: no trained AdaTok in {tokenizer}; train the demo tokenizer and its "
-                                "length policy first: python -m adatok_vlm.training.demo --output_dir outputs/demo")
+                                "length policy first: make demo-fmnist (outputs/demo-fmnist/model)")
     out_dir = Path(raw["train"]["output_dir"])
     tokens_dir = out_dir / "tokens"
     final = raw.pop("final")

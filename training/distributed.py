@@ -30,9 +30,6 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
-
-
 # ---------------------------------------------------------------------------------------------
 # what kind of run is this?
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +59,10 @@ def resolve_deepspeed_config(config: str | dict) -> dict:
     if isinstance(config, dict):
         return json.loads(json.dumps(config))
     path = Path(config)
-    folders = (Path.cwd() / "configs" / "deepspeed", DEEPSPEED_DIR)   # a name: the checkout's configs/deepspeed
+    from .config import configs_dir
+
+    # a name: the working folder's configs/deepspeed (a checkout's, or a user's own), then the packaged one
+    folders = (Path.cwd() / "configs" / "deepspeed", configs_dir() / "deepspeed")
     for folder in folders:
         if not path.is_file() and (folder / f"{config}.json").is_file():
             path = folder / f"{config}.json"
@@ -260,17 +260,41 @@ def half_precision_engine(accelerator) -> bool:
     return ds.get("bf16", {}).get("enabled") is True or ds.get("fp16", {}).get("enabled") is True
 
 
-def final_model(accelerator, model: nn.Module, checkpoint: str | Path | None, tag: str = "model") -> nn.Module | None:
+def final_model(accelerator, model: nn.Module, checkpoint: str | Path | None, tag: str = "model", *,
+                whole: nn.Module | None = None, rebuild: Callable[[], nn.Module] | None = None) -> nn.Module | None:
     """The trained model to export, whole, on the main process (``None`` elsewhere); call on every rank.
 
-    A half-precision DeepSpeed engine's weights are rounded copies: the export then consolidates the
-    fp32 master weights from the run's final ``checkpoint`` (as ``adatok export`` does). Otherwise the
-    live weights are exact and ``materialize`` gathers them.
-    """
-    if half_precision_engine(accelerator):
-        if not accelerator.is_main_process:
-            return None
-        from .export import consolidate
+    The one export path of every trainer. Without DeepSpeed, or under ZeRO-1/2 with fp32 weights, the
+    live module is exact and is returned as it is. Otherwise its whole weights are read: the fp32
+    master weights from the run's final ``checkpoint`` (engine ``tag``) for a half-precision engine
+    (its live weights are rounded copies), or gathered from the ranks under ZeRO-3 (a collective);
+    they are loaded into a fresh copy, ``rebuild()`` (default: the module's class built from its
+    config), under a forked RNG so the training stream is untouched.
 
-        return consolidate(checkpoint, tag)[0]
-    return materialize(accelerator, model)
+    ``whole`` is the module to export when the engine trains only a part of it (stage 2's policy and
+    quality heads inside the frozen tokenizer): the engine's weights, named as in ``whole``, replace
+    its own, and the rest of ``whole`` is kept.
+    """
+    target = whole if whole is not None else accelerator.unwrap_model(model)
+    half = half_precision_engine(accelerator)
+    if not half and zero_stage(accelerator) != 3:
+        return target if accelerator.is_main_process else None
+    if half:
+        state = None
+        if accelerator.is_main_process:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+    else:
+        state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    if whole is not None:
+        state = {**whole.state_dict(), **state}
+    with torch.random.fork_rng(devices=[]):
+        copy = rebuild() if rebuild is not None else type(target)(target.config)
+    result = copy.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"the whole weights of {tag!r} do not fit the rebuilt {type(copy).__name__}: missing "
+                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return copy.to(accelerator.device)

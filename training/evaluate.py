@@ -7,6 +7,23 @@
     adatok evaluate ... --samples samples.npz        # + gFID / gFD-VGG16 of generated samples vs the split
     adatok evaluate ... --linear-probe --probe-train-limit 10000   # + linear-probe top-1 per token count
 
+gFID the field's way (no model needed): generated samples against ADM's reference batch, with the
+Inception Score and ADM's precision / recall from the same InceptionV3 pool_3 features::
+
+    adatok evaluate --samples samples.npz --reference VIRTUAL_imagenet256_labeled.npz \
+        --inception-weights pt_inception-2015-12-05-6726825d.pth [--metrics fid,is,pr] [--out DIR]
+    torchrun --nproc_per_node 8 -m adatok_vlm.training.evaluate --samples ... --reference ...   # 8 ranks
+
+The reference's ``mu``/``sigma`` are used when present (else its ``arr_0`` images); its ``arr_0``
+also gives precision / recall (k = 3). ``--metrics fd_vgg16,pr`` is the offline stand-in (never FID).
+
+rFID over a large split runs on every rank of ``torchrun`` (each its contiguous shard, statistics
+and per-image values gathered), streaming the split through DataLoader workers whenever it does not
+fit ``--preload-max-gb`` decoded (``--preload false`` forces streaming)::
+
+    torchrun --nproc_per_node 8 -m adatok_vlm.training.evaluate --model DIR --data /data/imagenet \
+        --split val --lengths 256,auto --metrics rmse,fid --inception-weights W.pth --out outputs/eval
+
 Length modes (``--lengths``): token counts, ``auto`` (the policy), ``sample``, ``search``, ``oracle``,
 ``max_mse=X`` and ``mean_budget=N`` (the quality / budget dials). Default: 1, 2, 4, ..., m, plus
 ``auto`` when the model has a policy.
@@ -20,6 +37,7 @@ also ``linear_probe_vs_tokens.png`` and a ``linear_probe`` entry in ``metrics.js
 
 ``fd_vgg16`` is the Frechet distance on VGG16 features (offline weights); ``fid`` is FID proper and
 needs the pytorch-fid Inception weights (``--inception-weights``); they are never interchangeable.
+Every report names the feature network each number comes from.
 """
 
 from __future__ import annotations
@@ -28,6 +46,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -46,8 +65,12 @@ from .evaluation import (
     parse_length_spec,
     rqpr_key,
 )
+from .fid import GENERATION_METRICS
 
 DEFAULT_METRICS = "rmse,psnr,ssim,lpips,rqpr,reward"
+DEFAULT_GENERATION_METRICS = "fid,is,pr"
+# --metrics that only measure --samples: training.fid's generation metrics besides the distance itself.
+GENERATION_ONLY = tuple(m for m in GENERATION_METRICS if m != "fd")
 
 
 # ============================================================================================
@@ -56,14 +79,19 @@ DEFAULT_METRICS = "rmse,psnr,ssim,lpips,rqpr,reward"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adatok evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="an AdaTok folder (save_pretrained)")
-    p.add_argument("--data", required=True,
-                   help="fashion_mnist | natural_crops | an image folder | a save_to_disk folder | a cached hub name")
+    p.add_argument("--model", default=None,
+                   help="an AdaTok folder (save_pretrained); leave out with --samples --reference for gFID alone")
+    p.add_argument("--data", default=None,
+                   help="fashion_mnist | natural_crops | an image folder | an ImageNet-layout folder | webdataset "
+                        "shards | a save_to_disk folder | a cached hub name (needed with --model)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
     p.add_argument("--lengths", default=None,
                    help="comma-separated: ints, auto, sample, search, oracle, max_mse=X, mean_budget=N")
-    p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated, from {','.join(METRICS)}")
+    p.add_argument("--metrics", default=None,
+                   help=f"comma-separated, from {','.join(METRICS + GENERATION_ONLY)} (default {DEFAULT_METRICS}; "
+                        f"without --model {DEFAULT_GENERATION_METRICS}). is (Inception Score) and pr (precision / "
+                        "recall) apply to --samples")
     p.add_argument("--rqpr-thresholds", default=None,
                    help="comma-separated rMSE thresholds for rQPR (default: the model's reward_rl_base)")
     p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"))
@@ -71,14 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (needed for fid)")
     p.add_argument("--vgg-resize", default="224", help="side the FD-VGG16 features see (an int, or 'none')")
     p.add_argument("--samples", default=None,
-                   help="generated samples (.npz with arr_0, or an image folder): adds gFID / gFD-VGG16 vs the split")
-    p.add_argument("--out", required=True, help="output folder")
+                   help="generated samples (.npz with arr_0, or an image folder): adds gFID / gFD-VGG16 vs "
+                        "--reference (or vs the split)")
+    p.add_argument("--reference", default=None,
+                   help="gFID reference: an ADM reference batch .npz (mu/sigma and/or arr_0), a statistics .npz, "
+                        "or an image folder")
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (the field's 10)")
+    p.add_argument("--pr-k", type=int, default=3, help="nearest neighbours of precision / recall (ADM's 3)")
+    p.add_argument("--out", default=None, help="output folder (required with --model)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--resize-mode", default=None, choices=("shortest_edge", "pad"),
                    help="override the image processor's resize mode")
     p.add_argument("--grid-images", type=int, default=8, help="images in reconstructions.png")
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads (torch and BLAS)")
+    p.add_argument("--preload", default="auto", choices=("auto", "true", "false"),
+                   help="decode the split into memory first: auto = when it fits --preload-max-gb decoded")
+    p.add_argument("--preload-max-gb", type=float, default=None,
+                   help="the preload bound in GB (default: training.data_sources' DEFAULT_PRELOAD_MAX_GB)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers decoding a streamed split (default: up to 4 where fork exists)")
+    p.add_argument("--streaming", action="store_true", help="stream the data set (hub streaming / webdataset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     probe = p.add_argument_group("linear probe (Appendix B.5): top-1 accuracy of a linear classifier on frozen tokens")
@@ -123,15 +164,11 @@ def _thread_limit(num_threads: int | None):
 # ============================================================================================
 # data
 # ============================================================================================
-def load_pixels(model_dir: Path, model, data: str, split: str, limit: int | None,
-                resize_mode: str | None, with_labels: bool = False):
-    """The split's images as uint8 ``[N, 3, S, S]`` through the model's own image processor
-    (and their labels ``[N]``, -1 where unknown, with ``with_labels``)."""
+def model_processor(model_dir: Path, model, resize_mode: str | None):
+    """The image processor saved with the model (or a default one of its size), checked against it."""
     from transformers import AutoImageProcessor
 
-    from ..image_processing_adatok import AdaTokImageProcessor
-    from .batches import preload_images
-    from .data import load_image_dataset
+    from ..tokenizer.image_processing_adatok import AdaTokImageProcessor
 
     if (model_dir / "preprocessor_config.json").is_file():
         processor = AutoImageProcessor.from_pretrained(model_dir)
@@ -142,12 +179,63 @@ def load_pixels(model_dir: Path, model, data: str, split: str, limit: int | None
     if processor.size != model.config.image_size:
         raise ValueError(f"the image processor in {model_dir} makes {processor.size}px images but the model takes "
                          f"{model.config.image_size}px")
+    return processor
+
+
+def open_split(data: str, split: str, limit: int | None, streaming: bool | None = None):
+    """The split as a ``datasets.Dataset`` (or ``IterableDataset`` for shards / streams); nothing decoded."""
+    from .data import load_image_dataset
+
     kwargs = {"num_crops": limit} if data in ("natural_crops", "natural-crops") and limit else {}
-    dataset = load_image_dataset(data, split=split, limit=limit, **kwargs)
-    preloaded = preload_images(dataset, processor)
+    return load_image_dataset(data, split=split, limit=limit, streaming=streaming, **kwargs)
+
+
+def load_pixels(model_dir: Path, model, data: str, split: str, limit: int | None,
+                resize_mode: str | None, with_labels: bool = False):
+    """The split's images as uint8 ``[N, 3, S, S]`` through the model's own image processor
+    (and their labels ``[N]``, -1 where unknown, with ``with_labels``)."""
+    from .batches import preload_images
+
+    processor = model_processor(model_dir, model, resize_mode)
+    preloaded = preload_images(open_split(data, split, limit), processor)
     if getattr(preloaded, "num_skipped", 0):
         print(f"skipped {preloaded.num_skipped} unreadable images")
     return (preloaded.pixels, preloaded.labels) if with_labels else preloaded.pixels
+
+
+class StreamedPixels:
+    """This rank's shard of a split as uint8 ``[B, 3, S, S]`` batches, decoded in DataLoader workers.
+
+    A map-style split is cut into contiguous rank blocks (:func:`~adatok_vlm.training.fid.shard_bounds`:
+    every image exactly once over the ranks, no padding); a stream is split by
+    :func:`~adatok_vlm.training.data_sources.shard_stream`. Pixels are rounded to uint8 as a preloaded
+    split's are, so streaming and preloading measure the same images. Unreadable images are skipped and
+    counted in ``num_skipped``.
+    """
+
+    def __init__(self, dataset, processor, batch_size: int, rank: int, world_size: int, num_workers: int | None):
+        import datasets
+
+        from .data import build_dataloader, build_stream_loader, default_num_workers
+        from .fid import shard_bounds
+
+        if isinstance(dataset, datasets.IterableDataset):
+            self.loader = build_stream_loader(dataset, processor, batch_size, rank=rank, world_size=world_size,
+                                              num_workers=num_workers)
+        else:
+            start, stop = shard_bounds(len(dataset), rank, world_size)
+            if stop == start:
+                raise ValueError(f"the split has {len(dataset)} images, fewer than the {world_size} ranks")
+            self.loader = build_dataloader(dataset.select(range(start, stop)), processor, batch_size=batch_size,
+                                           shuffle=False, distributed=False,
+                                           num_workers=default_num_workers() if num_workers is None else num_workers)
+        self.num_skipped = 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.num_skipped += int(batch["num_skipped"])
+            if batch["pixel_values"].shape[0]:
+                yield (batch["pixel_values"].clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 # ============================================================================================
@@ -210,37 +298,26 @@ def plot_metric_vs_tokens(result: EvaluationResult, keys: list[str], ylabel: str
     return save_figure(fig, path)
 
 
-def reconstruction_grid(result: EvaluationResult, path: Path, max_images: int = 8) -> Path:
+def modes_grid(result: EvaluationResult, path: Path, max_images: int = 8) -> Path:
     """Rows: images; columns: each length mode, then the original. Adaptive cells show their token count."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
+
+    from .visualize import HEADER_HEIGHT, column_grid
 
     labels = [r["label"] for r in result.rows]
     original = result.samples["original"][:max_images]
     columns = [result.samples[label][:max_images] for label in labels] + [original]
-    headers = labels + ["GT"]
-    b, _, h, w = original.shape
-    k, pad = len(columns), 2
+    b, _, _, w = original.shape
+    pad = 2
     scale = max(1, math.ceil(96 / w))
-    canvas = torch.ones(3, b * (h + pad) + pad, k * (w + pad) + pad)
-    for j, column in enumerate(columns):
-        for i in range(b):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[:, top : top + h, left : left + w] = column[i].float().clamp(0, 1)
-    image = Image.fromarray((canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    header = 14
-    full = Image.new("RGB", (image.width, image.height + header), "white")
-    full.paste(image, (0, header))
+    full, cell_w, cell_h = column_grid(columns, labels + ["GT"], scale, pad)
     draw = ImageDraw.Draw(full)
-    cell_w, cell_h = (w + pad) * scale, (h + pad) * scale
-    for j, text in enumerate(headers):
-        draw.text((pad * scale + j * cell_w + 2, 1), text[: max(3, cell_w // 6)], fill="black")
     for j, row in enumerate(result.rows):
         if row["mode"] == "fixed":
             continue
         tokens = result.per_image[row["label"]]["tokens"][:b].tolist()
         for i, count in enumerate(tokens):
-            x, y = pad * scale + j * cell_w + 2, header + pad * scale + i * cell_h + 1
+            x, y = pad * scale + j * cell_w + 2, HEADER_HEIGHT + pad * scale + i * cell_h + 1
             draw.rectangle((x - 1, y, x + 6 * len(str(count)) + 1, y + 10), fill="white")
             draw.text((x, y - 1), str(count), fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +338,7 @@ def write_pictures(result: EvaluationResult, model, out: Path, grid_images: int)
                                           out / f"lengths_hist_{_file_label(row['label'])}.png",
                                           f"tokens per image: {row['label']} (mean {row['mean_tokens']:.2f})"))
     if grid_images > 0:
-        paths.append(reconstruction_grid(result, out / "reconstructions.png", grid_images))
+        paths.append(modes_grid(result, out / "reconstructions.png", grid_images))
     return paths
 
 
@@ -330,88 +407,217 @@ def plot_probe(probe: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    with _thread_limit(args.num_threads):
-        return run(args)
+    with _thread_limit(args.num_threads), _process_group(args.device) as device:
+        return run(args, device)
 
 
-def run(args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def _process_group(device_name: str):
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) a process group for the run (NCCL on GPUs, one GPU per
+    ``LOCAL_RANK``; gloo on CPUs), destroyed afterwards; yields the device this rank computes on."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield _resolve_device(device_name)
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = _resolve_device(device_name)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_metrics(args: argparse.Namespace) -> list[str]:
+    text = args.metrics or (DEFAULT_METRICS if args.model else DEFAULT_GENERATION_METRICS)
+    metrics = _split_list(text)
+    unknown = [m for m in metrics if m not in METRICS + GENERATION_ONLY]
+    if unknown or not metrics:
+        raise ValueError(f"--metrics: unknown {unknown or '(none given)'}; choose from "
+                         f"{','.join(METRICS + GENERATION_ONLY)}")
+    if args.model is None:
+        if not (args.samples and args.reference):
+            raise ValueError("adatok evaluate: give --model and --data (reconstruction metrics), or --samples and "
+                             "--reference (gFID of generated samples), or all of them")
+        wrong = [m for m in metrics if m not in FD_METRICS + GENERATION_ONLY]
+        if wrong:
+            raise ValueError(f"--metrics {','.join(wrong)}: reconstruction metrics need --model and --data")
+    elif args.data is None or args.out is None:
+        raise ValueError("--model needs --data (the split to reconstruct) and --out (where the report goes)")
+    generation_only = [m for m in metrics if m in GENERATION_ONLY]
+    if generation_only and not args.samples:
+        raise ValueError(f"--metrics {','.join(generation_only)}: Inception Score and precision / recall measure "
+                         "generated samples; give --samples (and --reference)")
+    if (args.samples or generation_only) and not any(m in FD_METRICS for m in metrics):
+        raise ValueError("--samples needs a feature network in --metrics: fid (InceptionV3, with --inception-weights) "
+                         "and/or fd_vgg16 (the offline VGG16 stand-in)")
+    if "is" in metrics and "fid" not in metrics:
+        raise ValueError("--metrics is: the Inception Score needs the FID Inception; add fid (and --inception-weights)")
+    if args.reference and not args.samples:
+        raise ValueError("--reference is the gFID reference of --samples; give --samples too")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError(f"--batch-size and --limit must be positive, got {args.batch_size} and {args.limit}")
+    return metrics
+
+
+def evaluate_samples(args: argparse.Namespace, extractors: dict, metrics: list[str], reference, reference_name: str,
+                     ) -> dict:
+    """gFID (per network), IS and precision / recall of ``--samples`` against ``reference``."""
+    from .fid import evaluate_generation
+
+    generation = {"samples": str(args.samples), "reference": reference_name, "details": {}}
+    for key, extractor in extractors.items():
+        wanted = ["fd"] + [m for m in ("is", "pr") if m in metrics and (m != "is" or extractor.num_classes)]
+        details = evaluate_generation(args.samples, reference(key) if callable(reference) else reference, extractor,
+                                      metrics=wanted, batch_size=args.batch_size, k=args.pr_k, splits=args.is_splits,
+                                      progress=not args.no_progress)
+        generation[key] = details[key]
+        generation["details"][key] = details
+    return generation
+
+
+def generation_text(generation: dict) -> str:
+    from .fid import generation_report_lines
+
+    text = f"Generated samples ({generation['samples']}) vs {generation['reference']}:\n"
+    for details in generation["details"].values():
+        text += "\n".join(f"- {line}" for line in generation_report_lines(details)) + "\n"
+    return text
+
+
+def _build_extractors(args: argparse.Namespace, metrics: list[str], device) -> dict:
+    from .fid import build_feature_extractor
+
+    vgg_resize = None if str(args.vgg_resize).lower() == "none" else int(args.vgg_resize)
+    return {key: build_feature_extractor(key, inception_weights=args.inception_weights, vgg_resize=vgg_resize,
+                                         device=device)
+            for key in FD_METRICS if key in metrics}
+
+
+def _describe_extractors(extractors: dict) -> dict:
+    return {k: {"label": e.label, "network": e.name, "description": e.description,
+                **({"resize": e.resize} if hasattr(e, "resize") else {}),
+                **({"weights": str(e.weights_path)} if hasattr(e, "weights_path") else {})}
+            for k, e in extractors.items()}
+
+
+def run_generation(args: argparse.Namespace, metrics: list[str], device, rank: int) -> dict:
+    """``--samples`` against ``--reference`` alone: no model, no data split."""
+    started = time.time()
+    extractors = _build_extractors(args, metrics, device)
+    generation = evaluate_samples(args, extractors, metrics, args.reference, str(args.reference))
+    report = {"mode": "generation", "device": str(device), "feature_extractors": _describe_extractors(extractors),
+              "generation": generation, "wall_s": time.time() - started}
+    text = generation_text(generation)
+    if rank == 0:
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            report["files"] = ["metrics.json", "metrics.md"]
+            (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+            (out / "metrics.md").write_text(f"# Generated samples: {args.samples}\n\n{text}", encoding="utf-8")
+        print(text, end="")
+    return report
+
+
+def _tri_state(text: str) -> bool | None:
+    return {"auto": None, "true": True, "false": False}[text]
+
+
+def run(args: argparse.Namespace, device: torch.device | None = None) -> dict:
     from transformers import AutoModel
 
     import adatok_vlm  # noqa: F401  (registers AdaTok with the Auto classes)
 
-    from .fid import build_feature_extractor, generation_fd
+    from .data_sources import DEFAULT_PRELOAD_MAX_GB, decide_preload
+    from .fid import process_world, shard_bounds
 
     started = time.time()
-    metrics = _split_list(args.metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise ValueError(f"--metrics: unknown {unknown or '(none given)'}; choose from {','.join(METRICS)}")
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise ValueError(f"--batch-size and --limit must be positive, got {args.batch_size} and {args.limit}")
-    thresholds = [float(t) for t in _split_list(args.rqpr_thresholds)] if args.rqpr_thresholds else None
-    vgg_resize = None if str(args.vgg_resize).lower() == "none" else int(args.vgg_resize)
-    device = _resolve_device(args.device)
+    metrics = _check_metrics(args)
+    device = _resolve_device(args.device) if device is None else device
+    rank, world = process_world()
     torch.manual_seed(args.seed)
+    if args.model is None:
+        return run_generation(args, metrics, device, rank)
+    thresholds = [float(t) for t in _split_list(args.rqpr_thresholds)] if args.rqpr_thresholds else None
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json; expected an AdaTok saved with save_pretrained")
 
     # Feature extractors first: a missing Inception file should fail before minutes of work.
-    extractors = {}
-    for key in FD_METRICS:
-        if key in metrics:
-            extractors[key] = build_feature_extractor(key, inception_weights=args.inception_weights,
-                                                      vgg_resize=vgg_resize, device=device)
+    extractors = _build_extractors(args, metrics, device)
     model = AutoModel.from_pretrained(model_dir).to(device).eval()
     specs = _parse_lengths(args.lengths, model)
-    pixels, labels = load_pixels(model_dir, model, args.data, args.split, args.limit, args.resize_mode,
-                                 with_labels=True)
-    print(f"adatok evaluate: {pixels.shape[0]} images of {args.data}/{args.split}, {len(specs)} length modes, "
-          f"metrics {','.join(metrics)}, device {device}")
+    dataset = open_split(args.data, args.split, args.limit, streaming=True if args.streaming else None)
+    import datasets
 
-    result = evaluate_reconstructions(model, pixels, specs, metrics, thresholds=thresholds,
+    size = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+    preload = decide_preload(size, model.config.image_size,
+                             preload=True if args.linear_probe else _tri_state(args.preload),
+                             preload_max_gb=DEFAULT_PRELOAD_MAX_GB if args.preload_max_gb is None
+                             else args.preload_max_gb)
+    labels, streamed = None, None
+    if preload:
+        pixels, labels = load_pixels(model_dir, model, args.data, args.split, args.limit, args.resize_mode,
+                                     with_labels=True)
+        start, stop = shard_bounds(pixels.shape[0], rank, world)
+        source, count = pixels[start:stop], f"{pixels.shape[0]} preloaded"
+    else:
+        streamed = StreamedPixels(dataset, model_processor(model_dir, model, args.resize_mode), args.batch_size,
+                                  rank, world, args.num_workers)
+        source, count = streamed, f"{size if size is not None else 'a stream of'} streamed"
+    if rank == 0:
+        print(f"adatok evaluate: {count} images of {args.data}/{args.split}, {len(specs)} length modes, "
+              f"metrics {','.join(metrics)}, device {device}" + (f", {world} ranks" if world > 1 else ""))
+
+    recon_metrics = [m for m in metrics if m in METRICS]
+    result = evaluate_reconstructions(model, source, specs, recon_metrics, thresholds=thresholds,
                                       batch_size=args.batch_size, lpips_net=args.lpips_net, extractors=extractors,
-                                      keep_samples=max(0, args.grid_images), progress=not args.no_progress)
+                                      keep_samples=max(0, args.grid_images), progress=not args.no_progress and rank == 0)
     for row in result.rows:
         if row["mode"] != "fixed":
             row["length_counts"] = _length_counts(result.per_image[row["label"]]["tokens"])
+    if streamed is not None and streamed.num_skipped:
+        result.notes.append(f"{streamed.num_skipped} unreadable images skipped on rank {rank}")
 
     generation = None
     if args.samples:
-        if not extractors:
-            raise ValueError("--samples needs a Frechet metric in --metrics (fd_vgg16 and/or fid)")
-        generation = {"samples": str(args.samples)}
-        for key, extractor in extractors.items():
-            generation[key] = generation_fd(args.samples, pixels, extractor, args.batch_size,
-                                            progress=not args.no_progress)
+        if args.reference:
+            generation = evaluate_samples(args, extractors, metrics, args.reference, str(args.reference))
+        else:                     # against the split: the originals' statistics, measured already
+            generation = evaluate_samples(args, extractors, metrics, result.reference_statistics.get,
+                                          f"the evaluated split ({args.data}/{args.split})")
 
-    probe = run_linear_probe(args, model_dir, model, pixels, labels) if args.linear_probe else None
+    probe = run_linear_probe(args, model_dir, model, pixels, labels) if args.linear_probe and rank == 0 else None
 
+    report = {
+        "model": str(model_dir), "data": args.data, "split": args.split, "limit": args.limit,
+        "image_size": model.config.image_size, "num_latent_tokens": model.num_latent_tokens,
+        "has_policy": model.has_policy, "device": str(device), "world_size": world, "preloaded": bool(preload),
+        "lpips_net": args.lpips_net if "lpips" in metrics else None,
+        "feature_extractors": _describe_extractors(extractors),
+        **result.to_dict(),
+        "generation": generation,
+        "linear_probe": probe,
+    }
+    if rank != 0:
+        return report
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pictures = write_pictures(result, model, out, args.grid_images)
     if probe is not None:
         pictures.append(plot_probe(probe, out / "linear_probe_vs_tokens.png"))
-    files = ["metrics.json", "metrics.md", *[p.name for p in pictures]]
-    report = {
-        "model": str(model_dir), "data": args.data, "split": args.split, "limit": args.limit,
-        "image_size": model.config.image_size, "num_latent_tokens": model.num_latent_tokens,
-        "has_policy": model.has_policy, "device": str(device),
-        "lpips_net": args.lpips_net if "lpips" in metrics else None,
-        "feature_extractors": {k: {"label": e.label, "network": e.name,
-                                   **({"resize": e.resize} if hasattr(e, "resize") else {}),
-                                   **({"weights": str(e.weights_path)} if hasattr(e, "weights_path") else {})}
-                               for k, e in extractors.items()},
-        **result.to_dict(),
-        "generation": generation,
-        "linear_probe": probe,
-        "files": files,
-        "wall_s": time.time() - started,
-    }
+    report["files"] = files = ["metrics.json", "metrics.md", *[p.name for p in pictures]]
+    report["wall_s"] = time.time() - started
     table = markdown_table(result)
     if generation:
-        table += "\nGenerated samples (" + generation["samples"] + ") vs the split: " + ", ".join(
-            f"g{extractors[k].label} {generation[k]:.3f}" for k in extractors) + "\n"
+        table += "\n" + generation_text(generation)
     if probe is not None:
         table += "\n" + probe_table(probe)
     (out / "metrics.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

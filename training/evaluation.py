@@ -9,6 +9,11 @@ LongTensor ``[N]``, ``"auto"``, ``"sample"``, ``"search"``, ``"oracle"``, ``{"ma
 (eq. 6 / eq. 7 with the model's ``reward_*`` settings); per data set: their means, rQPR at any
 thresholds, and Frechet distances between the reconstructions and the originals (rFID with the
 FID Inception, FD-VGG16 offline; see ``training.fid``).
+
+At scale (rFID over a 50,000-image validation split) the images need not be in memory: ``pixels``
+may be any iterable of batches (a DataLoader decoding in workers), and under a ``torch.distributed``
+process group every rank evaluates its own shard; the per-image values are all-gathered and the
+feature statistics merged exactly across ranks, so every rank ends with the numbers of the whole split.
 """
 
 from __future__ import annotations
@@ -231,7 +236,9 @@ class EvaluationResult:
     ``rows``: one dict per length mode, in the order given (``label``, ``mode``, ``mean_tokens``,
     ``std_tokens``, ``min_tokens``, ``max_tokens`` and the requested metrics' data-set values).
     ``per_image[label]``: ``tokens`` and every per-image metric, tensors ``[N]``.
-    ``samples[label]``: the first reconstructions ``[K, 3, H, W]`` (plus ``"original"``).
+    ``samples[label]``: the first reconstructions ``[K, 3, H, W]`` (plus ``"original"``; this rank's).
+    ``reference_statistics[key]``: the originals' feature statistics for each Frechet metric (what a
+    gFID "against the split" compares with, without a second pass over the data).
     """
 
     rows: list[dict]
@@ -241,6 +248,7 @@ class EvaluationResult:
     metrics: tuple[str, ...]
     thresholds: tuple[float, ...]
     notes: list[str] = field(default_factory=list)
+    reference_statistics: dict = field(default_factory=dict)
 
     def row(self, label: str) -> dict:
         for r in self.rows:
@@ -257,17 +265,33 @@ def rqpr_key(threshold: float) -> str:
     return f"rqpr@{threshold:g}"
 
 
+def _pixel_batches(pixels, batch_size: int):
+    """Batches ``[B, 3, H, W]`` of a tensor, or of an iterable of tensors / collated dicts (``pixel_values``)."""
+    if isinstance(pixels, torch.Tensor):
+        for start in range(0, pixels.shape[0], batch_size):
+            yield pixels[start : start + batch_size]
+        return
+    for batch in pixels:
+        x = batch["pixel_values"] if isinstance(batch, dict) else batch
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"pixels: every batch must be [B, 3, H, W], got {getattr(x, 'shape', type(x).__name__)}")
+        if x.shape[0]:
+            yield x
+
+
 @torch.no_grad()
-def evaluate_reconstructions(model, pixels: torch.Tensor, specs, metrics=DEFAULT_METRICS, *,
+def evaluate_reconstructions(model, pixels, specs, metrics=DEFAULT_METRICS, *,
                              thresholds: tuple[float, ...] | None = None, batch_size: int = 64,
                              lpips=None, lpips_net: str = "alex", extractors=None, keep_samples: int = 8,
-                             progress: bool = True) -> EvaluationResult:
+                             progress: bool = True, distributed: bool | None = None) -> EvaluationResult:
     """Reconstruct ``pixels`` at every length mode in ``specs`` and measure them.
 
     Args:
         model: an :class:`AdaTokModel` (its device is used).
-        pixels: uint8 ``[N, 3, H, W]`` or float in [0, 1].
-        specs: length modes: ints, LongTensors ``[N]`` (per image), ``"auto"``, ``"sample"``,
+        pixels: uint8 ``[N, 3, H, W]`` or float in [0, 1]; or an iterable of such batches (or of
+            :func:`~adatok_vlm.training.data.collate_images` dicts), streamed: nothing is kept but the
+            per-image numbers, running feature statistics and ``keep_samples`` pictures.
+        specs: length modes: ints, LongTensors ``[N]`` (per image; only with a tensor), ``"auto"``, ``"sample"``,
             ``"search"``, ``"oracle"``, ``{"max_mse": x}``, ``{"mean_budget": n}``.
         metrics: any of :data:`METRICS`. ``"reward"`` gives both rewards; ``"fid"`` / ``"fd_vgg16"``
             need ``extractors`` (or build VGG16 features / need the Inception weights otherwise).
@@ -275,21 +299,33 @@ def evaluate_reconstructions(model, pixels: torch.Tensor, specs, metrics=DEFAULT
         lpips: an :class:`~adatok_vlm.tokenizer.lpips.LPIPS` module; built from ``lpips_net`` if None.
         extractors: ``{"fid": FeatureExtractor, "fd_vgg16": ...}`` for the Frechet distances.
         keep_samples: how many reconstructions per mode to keep for pictures.
+        distributed: ``pixels`` is this rank's shard of the set, and the results are combined over the
+            ``torch.distributed`` group (per-image values all-gathered in rank order, statistics merged);
+            None: whenever a group of more than one rank is initialised. Call on every rank.
 
     Fixed lengths and per-image lengths share one encoder pass per batch (the prefixes nest); the
     other modes call ``encode(num_tokens=mode)``. Frechet distances compare each mode's
     reconstructions with the originals (rFID): features are folded into running statistics.
     """
-    from .fid import RunningStatistics, build_feature_extractor, frechet_distance_between
+    from .fid import (RunningStatistics, all_gather_rows, all_reduce_statistics, build_feature_extractor,
+                      frechet_distance_between, process_world)
 
     metrics = tuple(dict.fromkeys(metrics))
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics: unknown {unknown}; choose from {list(METRICS)}")
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
-        raise ValueError("pixels must be [N, 3, H, W] (uint8 or float in [0, 1]), got "
-                         f"{getattr(pixels, 'shape', type(pixels).__name__)}")
-    n = pixels.shape[0]
+    if isinstance(pixels, torch.Tensor):
+        if pixels.dim() != 4:
+            raise ValueError(f"pixels must be [N, 3, H, W] (uint8 or float in [0, 1]), got {tuple(pixels.shape)}")
+        n = pixels.shape[0]
+    elif isinstance(pixels, (str, bytes, dict)) or not hasattr(pixels, "__iter__"):
+        raise ValueError("pixels must be [N, 3, H, W] (uint8 or float in [0, 1]) or an iterable of such batches, "
+                         f"got {type(pixels).__name__}")
+    else:
+        n = None
+        if any(isinstance(spec, torch.Tensor) for spec in specs):
+            raise ValueError("per-sample lengths (a tensor [N]) need pixels as a tensor, not an iterable of batches")
+    _, world = process_world(distributed)
     specs = _check_specs(model, list(specs), n)
     c = model.config
     m = model.num_latent_tokens
@@ -310,7 +346,7 @@ def evaluate_reconstructions(model, pixels: torch.Tensor, specs, metrics=DEFAULT
     for key, extractor in extractors.items():
         if extractor.metric != key:
             raise ValueError(f"extractors[{key!r}] computes {extractor.metric!r} features")
-    if extractors and n < 2:
+    if extractors and n is not None and n < 2 and world == 1:
         raise ValueError("Frechet distances need at least 2 images")
 
     wanted = [k for k in ("ssim", "lpips") if k in metrics]
@@ -320,9 +356,10 @@ def evaluate_reconstructions(model, pixels: torch.Tensor, specs, metrics=DEFAULT
     reference = {k: RunningStatistics(e.dim, e.name) for k, e in extractors.items()}
     recon_stats = {label: {k: RunningStatistics(e.dim, e.name) for k, e in extractors.items()} for label, _ in specs}
 
-    starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc="evaluating reconstructions", leave=False, disable=not progress):
-        x = pixels[start : start + batch_size]
+    start = 0
+    batches = _pixel_batches(pixels, batch_size)
+    total = None if n is None else math.ceil(n / batch_size)
+    for x in tqdm(batches, total=total, desc="evaluating reconstructions", leave=False, disable=not progress):
         x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).to(device)
         b = x.shape[0]
         keep = max(0, min(keep_samples - start, b))
@@ -355,6 +392,22 @@ def evaluate_reconstructions(model, pixels: torch.Tensor, specs, metrics=DEFAULT
                 recon_stats[label][key].update(extractor(recon))
             if keep:
                 samples[label].append(recon[:keep].cpu())
+        start += b
+
+    if world > 1:                   # every rank's shard together, in rank order
+        for label, _ in specs:
+            per_image[label] = {k: [all_gather_rows(torch.cat(v) if v else
+                                                    torch.empty(0, dtype=torch.long if k == "tokens" else torch.float),
+                                                    True)]
+                                for k, v in per_image[label].items()}
+        reference = {k: all_reduce_statistics(r, True) for k, r in reference.items()}
+        recon_stats = {label: {k: all_reduce_statistics(r, True) for k, r in stats.items()}
+                       for label, stats in recon_stats.items()}
+    n = int(sum(t.shape[0] for t in per_image[specs[0][0]]["tokens"]))
+    if n == 0:
+        raise ValueError("pixels: no image to evaluate")
+    if extractors and n < 2:
+        raise ValueError("Frechet distances need at least 2 images")
 
     rows, notes = [], []
     for label, spec in specs:
@@ -386,12 +439,14 @@ def evaluate_reconstructions(model, pixels: torch.Tensor, specs, metrics=DEFAULT
                          "the estimate is strongly biased upwards; compare values only at equal image counts "
                          "(the paper's rFID uses 50,000).")
     samples = {k: torch.cat(v) if v else torch.empty(0) for k, v in samples.items()}
-    return EvaluationResult(rows, per_image, samples, n, metrics, thresholds, notes)
+    statistics = {k: r.finalize() for k, r in reference.items()}
+    return EvaluationResult(rows, per_image, samples, n, metrics, thresholds, notes, statistics)
 
 
-def reconstruction_fd(model, pixels: torch.Tensor, num_tokens, extractor, batch_size: int = 64,
+def reconstruction_fd(model, pixels, num_tokens, extractor, batch_size: int = 64,
                       progress: bool = True) -> float:
-    """rFID (with the Inception extractor) or rFD-VGG16 of ``pixels`` reconstructed at one length mode."""
+    """rFID (with the Inception extractor) or rFD-VGG16 of ``pixels`` (a tensor or an iterable of
+    batches) reconstructed at one length mode."""
     result = evaluate_reconstructions(model, pixels, [num_tokens], metrics=(extractor.metric,), batch_size=batch_size,
                                       extractors={extractor.metric: extractor}, keep_samples=0, progress=progress)
     return result.rows[0][extractor.metric]

@@ -45,12 +45,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..generator import LengthSampler, RunningTokenStats
-from ..generator.sample_c2i import model_fingerprint
+from ..tokenizer.loading import model_fingerprint
 from .checkpointing import write_text_atomic
 from .config import config_help, deep_merge, fill_dataclass, load_yaml, parse_overrides
 from .engine import configure_threads
 from .launch import make_accelerator
-from .train_tokenizer import DataConfig, build_image_processor, load_split
+from .data_setup import DataConfig, build_image_processor, load_split, require_map_style, resolve_num_workers
+from .data_sources import decide_preload
 
 META_FILE = "tokens.json"
 DATASET_DIR = "dataset"
@@ -80,6 +81,29 @@ class TokenExtractionConfig:
     num_tokens: int | str = "auto"           # "auto" (the policy) | "search" (binary-search baseline) | an int
     data: DataConfig = field(default_factory=DataConfig)   # data.train_split is the split encoded
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+
+
+PROCESSORS = ("model", "data")
+
+
+def extraction_processor(tokenizer: str, model_config, data: DataConfig):
+    """The image processor the tokens are extracted through. ``data.processor "model"`` (the default): the
+    tokenizer folder's saved ``preprocessor_config.json``, so extraction sees the geometry the model was
+    trained and evaluated with (e.g. a natural-image model's centre crop, whatever ``data.resize_mode``
+    says); a folder without one falls back to the ``data`` section. ``"data"``: always the ``data`` section
+    (``data.transforms`` / ``resize_mode`` / ``crop``), for an explicit other geometry."""
+    if data.processor not in PROCESSORS:
+        raise ValueError(f"data.processor must be one of {PROCESSORS}, got {data.processor!r}")
+    saved = Path(tokenizer) / "preprocessor_config.json"
+    if data.processor == "data" or not saved.is_file():
+        return build_image_processor(model_config, data, train=False)
+    from ..tokenizer.image_processing_adatok import AdaTokImageProcessor
+
+    processor = AdaTokImageProcessor.from_pretrained(tokenizer)
+    if int(processor.size) != int(model_config.image_size):
+        raise ValueError(f"{saved}: size {processor.size} differs from the tokenizer's image_size "
+                         f"{model_config.image_size}; fix the file or pass --data.processor data")
+    return processor
 
 
 def check_num_tokens(num_tokens, model) -> int | str:
@@ -199,7 +223,7 @@ def _images(dataset, data: DataConfig, processor, start: int, end: int, batch_si
 
     subset = Indexed(ImageTransformDataset(dataset.select(range(start, end)), processor))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate,
-                                         num_workers=data.num_workers)
+                                         num_workers=resolve_num_workers(subset, data.num_workers))
     for batch in loader:
         yield batch["pixel_values"], batch["labels"], batch["index"], batch["num_skipped"]
 
@@ -283,13 +307,13 @@ def extract(cfg: TokenExtractionConfig) -> dict:
         raise TypeError(f"tokenizer: {cfg.tokenizer} holds a {type(model).__name__}, not an AdaTok model")
     mode = check_num_tokens(cfg.num_tokens, model)
 
-    dataset = load_split(cfg.data, cfg.data.train_split, ec.seed)
-    if cfg.data.limit:
-        dataset = dataset.select(range(min(cfg.data.limit, len(dataset))))
+    dataset = require_map_style(load_split(cfg.data, cfg.data.train_split, ec.seed, limit=cfg.data.limit), cfg.data,
+                                "extract_tokens (its token cache stores image positions)")
     label_feature = dataset.features.get("label")
-    processor = build_image_processor(model.config, cfg.data, train=False)
+    processor = extraction_processor(cfg.tokenizer, model.config, cfg.data)
     preloaded = None
-    if cfg.data.preload:
+    if decide_preload(len(dataset), model.config.image_size, preload=cfg.data.preload,
+                      preload_max_gb=cfg.data.preload_max_gb, channels=model.config.num_channels):
         from .batches import preload_images
 
         preloaded = preload_images(dataset, processor)
@@ -305,6 +329,7 @@ def extract(cfg: TokenExtractionConfig) -> dict:
     manifest = {"tokenizer": str(Path(cfg.tokenizer).resolve()), "tokenizer_fingerprint":
                 model_fingerprint(cfg.tokenizer), "num_tokens": mode,
                 "data": {k: v for k, v in asdict(cfg.data).items() if k != "num_workers"},
+                "processor": json.loads(json.dumps(processor.to_dict(), sort_keys=True, default=str)),
                 "num_source_images": num_images, "shard_size": ec.shard_size, "seed": ec.seed}
     summary = {"output_dir": str(root), "num_shards": num_shards, "complete": False}
     if (root / META_FILE).is_file() and not ec.overwrite:

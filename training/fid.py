@@ -13,7 +13,25 @@ The Frechet distance between two Gaussians fitted to feature sets (Heusel et al.
 
 In AdaTok's terms (paper Table 1, Fig. 4): **rFID** compares a data split with its reconstructions
 at a chosen length mode (``training.evaluation``); **gFID** compares generated samples (a folder of
-PNGs or an ADM-style ``.npz``) with a reference set or its saved statistics (:func:`generation_fd`).
+PNGs or an ADM-style ``.npz``) with a reference set or its saved statistics (:func:`generation_fd`,
+:func:`evaluate_generation`).
+
+The field reports gFID the way ADM's evaluation suite (openai/guided-diffusion, ``evaluations/``)
+does, against a *reference batch* such as ``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` holds
+uint8 images ``[N, H, W, 3]`` (10,000 for ImageNet), ``mu``/``sigma`` the pool_3 statistics of the
+whole training set and ``mu_s``/``sigma_s`` those of a spatial layer (sFID, not computed here).
+:func:`evaluate_generation` uses the stored ``mu``/``sigma`` when they fit the network (else the
+features of ``arr_0``), and from the same pool features also the **Inception Score** (softmax of
+pool_3 times the 1008-way classifier's weights, without its bias, as ADM and improved-GAN; 10
+splits) and ADM's **improved precision / recall** (Kynkaenniemi et al., 2019: k-NN balls, k = 3,
+around the reference and the sample features). Note that ADM's ``mu``/``sigma`` come from
+TensorFlow's graph while features here come from pytorch-fid's port of it: close, not bit-equal.
+
+Across ranks (a ``torch.distributed`` process group): every rank extracts the features of its
+contiguous block of a set (:func:`shard_bounds`) and the rows are all-gathered in rank order
+(:func:`all_gather_rows`), or running statistics are merged exactly (:func:`all_reduce_statistics`).
+Sample files are read batch by batch (:func:`iter_npz_batches` streams ``arr_0`` out of the zip),
+so no set is held in memory as images.
 
 Shapes: extractors take images ``[B, 3, H, W]`` in [0, 1] and return features ``[B, F]``;
 statistics are ``mu [F]`` and ``sigma [F, F]`` in float64.
@@ -21,8 +39,11 @@ statistics are ``mu [F]`` and ``sigma [F, F]`` in float64.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Union
@@ -110,17 +131,28 @@ class RunningStatistics:
         feats = _as_float64(features)
         if feats.ndim != 2 or feats.shape[1] != self.dim:
             raise ValueError(f"features must be [B, {self.dim}], got shape {feats.shape}")
-        n_b = feats.shape[0]
-        if n_b == 0:
+        if feats.shape[0] == 0:
             return
         mean_b = feats.mean(0)
         centred = feats - mean_b
-        m2_b = centred.T @ centred
+        self._combine(feats.shape[0], mean_b, centred.T @ centred)
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        """Chan et al.'s pairwise merge of ``n_b`` rows with mean ``mean_b`` and centred sum ``m2_b``."""
+        if n_b == 0:
+            return
         n_a, n = self.count, self.count + n_b
         delta = mean_b - self._mean
         self._mean = self._mean + delta * (n_b / n)
         self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
         self.count = n
+
+    def merge(self, other: "RunningStatistics") -> None:
+        """Add every row ``other`` has seen (exact: as if its rows had been passed to :meth:`update`)."""
+        if not isinstance(other, RunningStatistics) or other.dim != self.dim:
+            raise ValueError(f"other must be RunningStatistics of dimension {self.dim}, got "
+                             f"{getattr(other, 'dim', type(other).__name__)}")
+        self._combine(other.count, other._mean, other._m2)
 
     def finalize(self) -> FeatureStatistics:
         if self.count < 2:
@@ -185,9 +217,20 @@ class FeatureExtractor(nn.Module):
     metric: str = ""
     label: str = ""
     dim: int = 0
+    num_classes: int = 0          # > 0 where :meth:`logits` maps features to class logits (Inception Score)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def description(self) -> str:
+        """The feature network in words, for reports (which network, which layer, which weights)."""
+        return f"{self.name} ({self.dim}-d)"
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, num_classes]`` of features ``[B, dim]``; only networks with a classifier."""
+        raise ValueError(f"{self.name} features have no classifier: the Inception Score needs the FID Inception "
+                         "(--metrics fid,is with --inception-weights)")
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)            # frozen: always eval (BatchNorm statistics stay put)
@@ -232,6 +275,12 @@ class VGG16Features(FeatureExtractor):
         self.register_buffer("scale", lpips.scale.clone(), persistent=False)
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def description(self) -> str:
+        side = "native size" if self.resize is None else f"{self.resize}x{self.resize}"
+        return (f"VGG16 relu5_3, average-pooled (512-d; LPIPS' ImageNet backbone, images at {side}): "
+                "FD-VGG16, an offline stand-in that is not FID")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = images
@@ -332,6 +381,7 @@ class InceptionV3Features(FeatureExtractor):
     """
 
     name, metric, label, dim = "inception", "fid", "FID", 2048
+    num_classes = 1008
 
     def __init__(self, weights: PathLike | None = None):
         super().__init__()
@@ -362,12 +412,23 @@ class InceptionV3Features(FeatureExtractor):
             net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d,
             net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(1),
         )
+        # The 1008-way classifier's weights, for the Inception Score. Its bias is left out, as in the
+        # TF graph's ``softmax/logits/MatMul`` that improved-GAN's and ADM's IS multiply pool_3 by.
+        self.register_buffer("fc_weight", net.fc.weight.detach().clone(), persistent=False)
         self.requires_grad_(False)
         self.eval()
+
+    @property
+    def description(self) -> str:
+        return f"InceptionV3 pool_3 (2048-d; FID's TF 2015-12-05 network, pytorch-fid weights {self.weights_path})"
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
         return self.blocks(2 * x - 1).flatten(1)       # [B, 2048, 1, 1] -> [B, 2048]
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``pool_3 @ W^T`` over the 1008 classes (no bias), what the field's Inception Score softmaxes."""
+        return features.to(self.fc_weight) @ self.fc_weight.T
 
 
 EXTRACTORS = {"fid": "inception", "fd_vgg16": "vgg16"}
@@ -431,15 +492,85 @@ def export_npz(images, path: PathLike, labels=None) -> Path:
     return path
 
 
+def _check_samples_array(path, key: str, shape: tuple, dtype) -> None:
+    if len(shape) != 4 or shape[-1] != 3 or np.dtype(dtype) != np.uint8:
+        raise ValueError(f"{path}: {key} must be uint8 [N, H, W, 3] (ADM's layout), got {np.dtype(dtype)} {tuple(shape)}")
+
+
+def npz_keys(path: PathLike) -> list[str]:
+    """The array names of an ``.npz`` (without reading any array)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sorted(n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy"))
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"{path}: not an .npz archive ({err})") from err
+
+
+@contextlib.contextmanager
+def _open_npz_array(path: PathLike, key: str):
+    """``(shape, dtype, file)`` of one array of an ``.npz``, the file positioned at its first byte of
+    data; ``file`` is None when the array cannot be read piecewise (Fortran order, object dtype, an
+    unknown header version), in which case the caller loads it whole."""
+    with zipfile.ZipFile(path) as archive:
+        if f"{key}.npy" not in archive.namelist():
+            keys = sorted(n[:-4] for n in archive.namelist() if n.endswith(".npy"))
+            raise ValueError(f"{path}: expected an array {key!r} (ADM's layout keeps samples in 'arr_0'), got keys {keys}")
+        with archive.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                yield None, None, None
+                return
+            shape, fortran, dtype = readers[version](f)
+            yield shape, dtype, (None if fortran or dtype.hasobject else f)
+
+
+def npz_image_count(path: PathLike, key: str = "arr_0") -> int:
+    """How many images ``key`` (uint8 ``[N, H, W, 3]``) of an ``.npz`` holds, from its header alone."""
+    with _open_npz_array(path, key) as (shape, dtype, _):
+        if shape is None:
+            with np.load(path, allow_pickle=False) as data:
+                shape, dtype = data[key].shape, data[key].dtype
+    _check_samples_array(path, key, shape, dtype)
+    return int(shape[0])
+
+
+def iter_npz_batches(path: PathLike, key: str = "arr_0", batch_size: int = 64, start: int = 0,
+                     stop: int | None = None) -> Iterator[torch.Tensor]:
+    """uint8 ``[B, 3, H, W]`` batches of images ``start:stop`` of ``key`` in an ``.npz``, read piecewise
+    from the archive (as ADM's evaluator streams ``arr_0``): 50,000 samples at 256x256 are 9.8 GB, which
+    need not be in memory at once. Compressed archives (``savez_compressed``) work too, more slowly."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    with _open_npz_array(path, key) as (shape, dtype, f):
+        if f is None:                                   # not streamable: load it whole (rare)
+            with np.load(path, allow_pickle=False) as data:
+                array = data[key]
+            _check_samples_array(path, key, array.shape, array.dtype)
+            stop = array.shape[0] if stop is None else min(stop, array.shape[0])
+            for first in range(start, stop, batch_size):
+                yield torch.from_numpy(array[first : min(first + batch_size, stop)].copy()).permute(0, 3, 1, 2)
+            return
+        _check_samples_array(path, key, shape, dtype)
+        stop = shape[0] if stop is None else min(stop, shape[0])
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        if start > 0:
+            f.seek(start * row, os.SEEK_CUR)
+        for first in range(start, stop, batch_size):
+            count = min(batch_size, stop - first)
+            data = f.read(count * row)
+            if len(data) != count * row:
+                raise ValueError(f"{path}: {key} ends early (expected {shape[0]} images)")
+            array = np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:])
+            yield torch.from_numpy(array.copy()).permute(0, 3, 1, 2).contiguous()
+
+
 def read_npz(path: PathLike) -> torch.Tensor:
     """``arr_0`` of an ADM-style ``.npz`` (uint8 ``[N, H, W, 3]``) as uint8 ``[N, 3, H, W]``."""
-    with np.load(path, allow_pickle=False) as data:
-        if "arr_0" not in data:
-            raise ValueError(f"{path}: expected samples under 'arr_0' (ADM's layout), got keys {sorted(data)}")
-        array = data["arr_0"]
-    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3], got {array.dtype} {array.shape}")
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    batches = list(iter_npz_batches(path, "arr_0", batch_size=1024))
+    if not batches:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return torch.cat(batches)
 
 
 def image_files(folder: PathLike) -> list[Path]:
@@ -459,17 +590,27 @@ def _read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def iter_sample_batches(source: PathLike, batch_size: int = 64) -> Iterator[torch.Tensor]:
-    """uint8 ``[B, 3, H, W]`` batches from an ``.npz`` (``arr_0``) or a folder of images (all one size)."""
+def count_samples(source: PathLike) -> int:
+    """How many images an ``.npz`` (``arr_0``) or an image folder holds, without decoding them."""
     path = Path(source)
     if path.is_file() and path.suffix == ".npz":
-        samples = read_npz(path)
-        for start in range(0, samples.shape[0], batch_size):
-            yield samples[start : start + batch_size]
+        return npz_image_count(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"samples: {path} is neither an .npz file nor a folder of images")
+    return len(image_files(path))
+
+
+def iter_sample_batches(source: PathLike, batch_size: int = 64, start: int = 0,
+                        stop: int | None = None) -> Iterator[torch.Tensor]:
+    """uint8 ``[B, 3, H, W]`` batches of images ``start:stop`` of an ``.npz`` (``arr_0``, streamed) or
+    of a folder of images (sorted by name, all one size)."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".npz":
+        yield from iter_npz_batches(path, "arr_0", batch_size, start, stop)
         return
     if not path.is_dir():
         raise FileNotFoundError(f"samples: {path} is neither an .npz file nor a folder of images")
-    files, size = image_files(path), None
+    files, size = image_files(path)[start:stop], None
     for start in range(0, len(files), batch_size):
         batch = [_read_image(f) for f in files[start : start + batch_size]]
         for f, image in zip(files[start : start + batch_size], batch):
@@ -512,18 +653,322 @@ def generation_fd(samples, reference, extractor: FeatureExtractor, batch_size: i
     """gFID (or gFD-VGG16): FD between generated ``samples`` and a ``reference`` set.
 
     ``samples``: an ``.npz`` / image folder / tensor. ``reference``: the same kinds, or
-    :class:`FeatureStatistics`, or an ``.npz`` holding ``mu``/``sigma`` (e.g. saved with
-    :meth:`FeatureStatistics.save`). Statistics from another extractor are refused where they name it.
+    :class:`FeatureStatistics`, or an ``.npz`` holding ``mu``/``sigma`` (ADM's reference batches,
+    :meth:`FeatureStatistics.save`). The Frechet distance alone of :func:`evaluate_generation`.
     """
-    if isinstance(reference, (str, os.PathLike)) and Path(reference).suffix == ".npz":
-        with np.load(reference, allow_pickle=False) as data:
-            has_stats = "mu" in data and "sigma" in data
-        if has_stats:
-            reference = FeatureStatistics.load(reference)
-    if not isinstance(reference, FeatureStatistics):
-        reference = statistics_of(reference, extractor, batch_size, progress, desc="reference features")
-    if reference.mu.shape != (extractor.dim,):
-        raise ValueError(f"reference statistics have {reference.mu.shape[0]} dimensions, "
+    return evaluate_generation(samples, reference, extractor, metrics=("fd",), batch_size=batch_size,
+                               progress=progress)[extractor.metric]
+
+
+# ============================================================================================
+# ranks: each extracts the features of its block, the rows (or statistics) are gathered
+# ============================================================================================
+def process_world(distributed: bool | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: the initialised ``torch.distributed`` group's when ``distributed`` is
+    True (or None and a group of more than one rank exists), else ``(0, 1)``; True without a group is
+    a ValueError. The data loaders' rule (``training.data_loading``), so metrics and loaders agree."""
+    from .data_loading import rank_and_world_size
+
+    return rank_and_world_size(distributed)
+
+
+def shard_bounds(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of ``rank``'s contiguous block of ``num_items``: blocks differ by at most one
+    item and follow rank order, so rows gathered in rank order are the set in its own order (no
+    padding, no item twice: the metric sees exactly the set, unlike a padded ``DistributedSampler``)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1 \
+            or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank, world_size: expected 0 <= rank < world_size, got {rank!r}, {world_size!r}")
+    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 0:
+        raise ValueError(f"num_items must be an int >= 0, got {num_items!r}")
+    base, extra = divmod(num_items, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(local: torch.Tensor, distributed: bool | None = None) -> torch.Tensor:
+    """Every rank's rows ``[n_r, ...]`` concatenated in rank order (``[sum n_r, ...]``, on every rank;
+    ranks may hold different counts). ``local`` itself without a process group. Call on every rank."""
+    _, world = process_world(distributed)
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    device = _collective_device()
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:c] for part, c in zip(parts, counts)]).to(local.device)
+
+
+def all_reduce_statistics(stats: RunningStatistics, distributed: bool | None = None) -> RunningStatistics:
+    """The statistics of every rank's rows together (on every rank), merged exactly with Chan's update
+    from each rank's count, mean and centred sum of squares: what rFID over a 50k split needs without
+    moving any feature row (2048^2 float64 per rank). ``stats`` itself without a process group."""
+    _, world = process_world(distributed)
+    if world == 1:
+        return stats
+    device = _collective_device()
+    packed = torch.cat([torch.tensor([float(stats.count)], dtype=torch.float64), torch.from_numpy(stats._mean),
+                        torch.from_numpy(stats._m2).flatten()]).to(device)
+    rows = all_gather_rows(packed[None], True).cpu().numpy()
+    merged = RunningStatistics(stats.dim, stats.extractor)
+    for row in rows:
+        part = RunningStatistics(stats.dim, stats.extractor)
+        part.count = int(round(row[0]))
+        part._mean = row[1 : 1 + stats.dim].copy()
+        part._m2 = row[1 + stats.dim :].reshape(stats.dim, stats.dim).copy()
+        merged.merge(part)
+    return merged
+
+
+def _sized_source(images) -> int | None:
+    if isinstance(images, (str, os.PathLike)):
+        return count_samples(images)
+    if isinstance(images, torch.Tensor):
+        return images.shape[0]
+    return None
+
+
+@torch.no_grad()
+def compute_features(images, extractor: FeatureExtractor, batch_size: int = 64, *, distributed: bool | None = None,
+                     progress: bool = True, desc: str | None = None) -> torch.Tensor:
+    """Features ``[N, dim]`` (float32, on the CPU) of images: an ``.npz`` (``arr_0``), an image folder,
+    a tensor ``[N, 3, H, W]`` (uint8 or in [0, 1]), or an iterable of such batches.
+
+    Under a process group (``distributed`` None: whenever one of more than one rank is initialised)
+    every rank extracts the features of its contiguous block (:func:`shard_bounds`) of a path or a
+    tensor, streaming it in batches, and the rows are all-gathered in rank order, so every rank
+    returns the same ``[N, dim]`` as one process would. An iterable of batches is taken to be this
+    rank's part already. Call on every rank.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    rank, world = process_world(distributed)
+    total = _sized_source(images)
+    start, stop = shard_bounds(total, rank, world) if total is not None else (0, None)
+    if isinstance(images, (str, os.PathLike)):
+        batches = iter_sample_batches(images, batch_size, start, stop)
+    elif isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
+        batches = (images[i : min(i + batch_size, stop)] for i in range(start, stop, batch_size))
+    else:
+        batches = images
+    rows = []
+    for batch in tqdm(batches, desc=desc or f"{extractor.name} features", leave=False,
+                      disable=not progress or rank != 0):
+        x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
+        rows.append(extractor(x).float().cpu())
+    local = torch.cat(rows) if rows else torch.empty(0, extractor.dim)
+    return all_gather_rows(local, world > 1)
+
+
+# ============================================================================================
+# Inception Score and improved precision / recall, from the same features
+# ============================================================================================
+def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` of class logits ``[N, C]``: mean and standard
+    deviation over ``splits`` contiguous parts (improved-GAN's split ``[i N / s, (i+1) N / s)``; 10 is
+    the field's, and at N = 50,000 the same parts as ADM's 5,000-image splits), in float64.
+
+    Uniform predictions give 1; confident predictions spread evenly over K classes in every part give K.
+    """
+    if isinstance(logits, np.ndarray):
+        logits = torch.from_numpy(logits)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float [N, C] tensor, got {getattr(logits, 'shape', type(logits).__name__)}")
+    if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= logits.shape[0]:
+        raise ValueError(f"splits must be an int in 1..N (N = {logits.shape[0]}), got {splits!r}")
+    log_p = torch.log_softmax(logits.double().cpu(), dim=1)
+    n, scores = log_p.shape[0], []
+    for i in range(splits):
+        part = log_p[i * n // splits : (i + 1) * n // splits]
+        log_marginal = torch.logsumexp(part, dim=0) - math.log(part.shape[0])
+        kl = (part.exp() * (part - log_marginal)).sum(1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[A, B]`` squared Euclidean distances ``|a|^2 - 2 a.b + |b|^2`` clamped at 0 (ADM's form)."""
+    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)[None]).clamp_min_(0)
+
+
+def manifold_radii(features: torch.Tensor, k: int = 3, block_size: int = 4096) -> torch.Tensor:
+    """``[N]`` squared distance of each feature row to its k-th nearest other row (the k-NN ball)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if features.dim() != 2 or features.shape[0] <= k:
+        raise ValueError(f"manifold radii with k={k} need features [N, F] with N > {k}, got {tuple(features.shape)}")
+    radii = [_squared_distances(features[i : i + block_size], features).kthvalue(k + 1, dim=1).values
+             for i in range(0, features.shape[0], block_size)]      # the (k+1)-th smallest counts the row itself
+    return torch.cat(radii)
+
+
+def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
+                     block_size: int) -> torch.Tensor:
+    inside = [(_squared_distances(points[i : i + block_size], centres) <= radii[None]).any(1)
+              for i in range(0, points.shape[0], block_size)]
+    return torch.cat(inside)
+
+
+@torch.no_grad()
+def precision_recall(reference, samples, k: int = 3, block_size: int = 4096,
+                     device: str | torch.device | None = None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaenniemi et al., 2019) as ADM's evaluator computes them.
+
+    Each set's manifold is the union of balls around its rows reaching to the k-th nearest neighbour
+    (k = 3). Precision: the share of ``samples`` inside the reference manifold; recall: the share of
+    ``reference`` rows inside the samples' manifold. ``reference [N1, F]``, ``samples [N2, F]``
+    (numpy or torch); distances are squared Euclidean in float32, in blocks of ``block_size`` rows.
+    """
+    ref = torch.as_tensor(reference).to(device or "cpu", torch.float32)
+    gen = torch.as_tensor(samples).to(device or "cpu", torch.float32)
+    if ref.dim() != 2 or gen.dim() != 2 or ref.shape[1] != gen.shape[1]:
+        raise ValueError(f"reference and samples must be [N, F] with one F, got {tuple(ref.shape)} and {tuple(gen.shape)}")
+    ref_radii, gen_radii = manifold_radii(ref, k, block_size), manifold_radii(gen, k, block_size)
+    precision = _inside_any_ball(gen, ref, ref_radii, block_size).double().mean()
+    recall = _inside_any_ball(ref, gen, gen_radii, block_size).double().mean()
+    return float(precision), float(recall)
+
+
+# ============================================================================================
+# gFID against a reference batch, with IS and precision / recall
+# ============================================================================================
+GENERATION_METRICS = ("fd", "is", "pr")        # the Frechet distance, Inception Score, precision / recall
+
+
+def _usable_statistics(path: Path, keys: list[str], extractor: FeatureExtractor) -> tuple[FeatureStatistics | None, str]:
+    """The ``mu``/``sigma`` of a reference ``.npz`` when they fit ``extractor``, and why (not)."""
+    if "mu" not in keys or "sigma" not in keys:
+        return None, "it holds no mu/sigma"
+    stats = FeatureStatistics.load(path)
+    if stats.extractor and stats.extractor != extractor.name:
+        return None, f"its mu/sigma are {stats.extractor} features"
+    if stats.mu.shape != (extractor.dim,) or stats.sigma.shape != (extractor.dim, extractor.dim):
+        source = " (ADM: InceptionV3 pool_3)" if stats.mu.shape == (2048,) else ""
+        return None, f"its mu/sigma are {stats.mu.shape[0]}-d{source}, {extractor.name} features {extractor.dim}-d"
+    # Unlabelled statistics of the right dimension (ADM's and pytorch-fid's files name no network) are
+    # taken to be of this network: 2048-d ones are InceptionV3 pool_3.
+    return stats, "mu/sigma stored in the file"
+
+
+def evaluate_generation(samples, reference, extractor: FeatureExtractor, *, metrics=GENERATION_METRICS,
+                        batch_size: int = 64, k: int = 3, splits: int = 10, distributed: bool | None = None,
+                        progress: bool = True) -> dict:
+    """gFID (or gFD-VGG16), Inception Score and precision / recall of generated ``samples``.
+
+    Args:
+        samples: an ``.npz`` (``arr_0`` uint8 ``[N, H, W, 3]``, ADM's layout), an image folder, or a
+            tensor ``[N, 3, H, W]``.
+        reference: an ADM reference batch ``.npz`` (its ``mu``/``sigma`` are used when they fit the
+            network, else its ``arr_0`` images; ``arr_0`` also gives precision / recall), an ``.npz`` of
+            our :meth:`FeatureStatistics.save`, an image folder, a tensor, or :class:`FeatureStatistics`.
+        extractor: the network: :class:`InceptionV3Features` for FID, IS and the field's precision /
+            recall; :class:`VGG16Features` gives FD-VGG16 and precision / recall on VGG16 features.
+        metrics: any of ``"fd"``, ``"is"`` (needs a classifier: Inception only) and ``"pr"`` (needs
+            reference images, skipped with a note otherwise).
+        k, splits: the k-NN size of precision / recall (ADM: 3) and the IS split count (10).
+        distributed: split the feature extraction over the process group's ranks (None: when one is
+            initialised); every rank then returns the same numbers. Call on every rank.
+
+    Returns a dict: ``network`` and ``network_description`` (which features every number comes from),
+    ``label`` (``"gFID"`` / ``"gFD-VGG16"``), ``num_samples``, ``reference_statistics`` (where the
+    reference Gaussian came from), ``num_reference_images``, the distance under ``extractor.metric``
+    (``"fid"`` / ``"fd_vgg16"``), ``inception_score`` / ``inception_score_std`` / ``inception_score_splits``,
+    ``precision`` / ``recall`` / ``precision_recall_k``, and ``notes``.
+    """
+    metrics = tuple(dict.fromkeys(metrics))
+    unknown = [m for m in metrics if m not in GENERATION_METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"metrics: expected some of {GENERATION_METRICS}, got {list(metrics)}")
+    if "is" in metrics and extractor.num_classes == 0:
+        extractor.logits(torch.zeros(1, extractor.dim))              # raises, naming what to do instead
+    notes: list[str] = []
+    ref_stats, ref_feats, ref_source, ref_images = None, None, None, None
+    if isinstance(reference, FeatureStatistics):
+        ref_stats, ref_source = reference, "given statistics"
+    elif isinstance(reference, (str, os.PathLike)) and Path(reference).suffix == ".npz":
+        path = Path(reference)
+        if not path.is_file():
+            raise FileNotFoundError(f"reference: no file {path}")
+        keys = npz_keys(path)
+        ref_stats, why = _usable_statistics(path, keys, extractor)
+        has_images = "arr_0" in keys
+        if ref_stats is not None:
+            ref_source = f"mu/sigma stored in {path.name}"
+        elif not has_images:
+            raise ValueError(f"reference {path}: {why}, and it has no images (arr_0) to compute {extractor.name} "
+                             "features from")
+        else:
+            notes.append(f"reference {path.name}: {why}; its statistics were computed from its arr_0 images")
+        if has_images and (ref_stats is None or "pr" in metrics):
+            ref_feats = compute_features(path, extractor, batch_size, distributed=distributed, progress=progress,
+                                         desc="reference features")
+            ref_images = ref_feats.shape[0]
+        if ref_stats is None:
+            ref_source = f"computed from the {ref_images} arr_0 images of {path.name}"
+    else:
+        ref_feats = compute_features(reference, extractor, batch_size, distributed=distributed, progress=progress,
+                                     desc="reference features")
+        ref_images, ref_source = ref_feats.shape[0], f"computed from {ref_feats.shape[0]} reference images"
+    if ref_stats is None:
+        ref_stats = feature_statistics(ref_feats, extractor.name)
+    if ref_stats.mu.shape != (extractor.dim,):
+        raise ValueError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, "
                          f"but {extractor.name} features have {extractor.dim}")
-    generated = statistics_of(samples, extractor, batch_size, progress, desc="sample features")
-    return frechet_distance_between(generated, reference)
+
+    feats = compute_features(samples, extractor, batch_size, distributed=distributed, progress=progress,
+                             desc="sample features")
+    result = {"network": extractor.name, "network_description": extractor.description,
+              "metric": extractor.metric, "label": f"g{extractor.label}", "num_samples": int(feats.shape[0]),
+              "reference_statistics": ref_source, "num_reference_images": ref_images}
+    if "fd" in metrics:
+        result[extractor.metric] = frechet_distance_between(feature_statistics(feats, extractor.name), ref_stats)
+        for count, what in ((feats.shape[0], "samples"), (ref_stats.count, "reference images")):
+            if 0 < count <= extractor.dim:
+                notes.append(f"g{extractor.label} from {count} {what}, fewer than the {extractor.dim} feature "
+                             "dimensions: strongly biased upwards (the field uses 50,000 samples)")
+    if "is" in metrics:
+        result["inception_score"], result["inception_score_std"] = inception_score(extractor.logits(feats), splits)
+        result["inception_score_splits"] = splits
+    if "pr" in metrics:
+        if ref_feats is None:
+            notes.append("precision / recall skipped: the reference has no images (only statistics)")
+        else:
+            device = extractor.device if extractor.device.type == "cuda" else None
+            result["precision"], result["recall"] = precision_recall(ref_feats, feats, k=k, device=device)
+            result["precision_recall_k"] = k
+    result["notes"] = notes
+    return result
+
+
+def generation_report_lines(result: dict) -> list[str]:
+    """Human-readable lines of an :func:`evaluate_generation` result, naming the feature network."""
+    lines = [f"features: {result['network_description']}",
+             f"{result['num_samples']} samples; reference: {result['reference_statistics']}"]
+    if result["metric"] in result:
+        lines.append(f"{result['label']}: {result[result['metric']]:.4f}")
+    if "inception_score" in result:
+        lines.append(f"Inception Score ({result['inception_score_splits']} splits, same network's 1008-way softmax): "
+                     f"{result['inception_score']:.3f} +- {result['inception_score_std']:.3f}")
+    if "precision" in result:
+        lines.append(f"precision / recall (k={result['precision_recall_k']} nearest neighbours, same features, "
+                     f"{result['num_reference_images']} reference images): "
+                     f"{result['precision']:.4f} / {result['recall']:.4f}")
+    lines += [f"note: {note}" for note in result["notes"]]
+    return lines

@@ -17,14 +17,17 @@ online loop cannot afford:
   oracle: the comparison of Table 2 as a training curve.
 
 The quality head (the dial) then fits each image's whole measured curve. Tables are written under
-``<output_dir>/reward_table/`` (safetensors, with what they were measured from in the metadata) and
-reused when a run resumes; a table from another tokenizer, grid or data set is measured again.
+``<output_dir>/reward_table/`` (safetensors, with what they were measured from in the metadata and the
+data set's row of each image) and reused when a run resumes; a table from another tokenizer, grid, data
+set or subset is measured again. A measurement in progress is saved chunk by chunk, so an interrupted
+one resumes (``measure_shared``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -42,19 +45,24 @@ OBJECTIVES = ("reinforce", "expected")
 
 @dataclass
 class RewardTable:
-    """Per image: policy features ``[N, F]`` and reconstruction MSE at each grid length ``[N, K]``."""
+    """Per image: policy features ``[N, F]`` and reconstruction MSE at each grid length ``[N, K]``;
+    ``rows [N]``: which images of the data set they are (None when the caller did not say)."""
 
     features: torch.Tensor
     rl: torch.Tensor
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
 
     def save(self, path: Path, meta: dict) -> None:
+        """Written under a temporary name, then renamed: a reader never sees half a file."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"features": self.features.contiguous(), "rl": self.rl.contiguous()}, str(tmp),
-                  metadata={"meta": json.dumps(meta, sort_keys=True)})
+        tensors = {"features": self.features.contiguous(), "rl": self.rl.contiguous()}
+        if self.rows is not None:
+            tensors["rows"] = self.rows.to(torch.long).contiguous()
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta, sort_keys=True)})
         tmp.replace(path)
 
     @classmethod
@@ -69,7 +77,7 @@ class RewardTable:
         if saved != json.loads(json.dumps(meta, sort_keys=True)):
             return None
         tensors = load_file(str(path))
-        return cls(tensors["features"], tensors["rl"])
+        return cls(tensors["features"], tensors["rl"], tensors.get("rows"))
 
 
 @torch.no_grad()
@@ -171,35 +179,145 @@ def table_rewards(spec, table: RewardTable, grid: torch.Tensor, max_length: int)
     return spec(table.rl, lengths, max_length).float()
 
 
-def measure_shared(accelerator, path: Path, meta: dict, model, load_batch: Callable[[list[int]], torch.Tensor],
-                   num_rows: int, batch_size: int, grid: torch.Tensor, desc: str) -> tuple[RewardTable, float]:
-    """The table of rows ``0..num_rows-1`` on every rank: loaded from ``path`` when every rank finds a
-    matching one, else measured with the rows split into one contiguous chunk per rank, gathered, and
-    saved by the main process. ``load_batch(indices)`` returns the pixels of those rows."""
+def measure_shared(accelerator, path: Path, meta: dict, model,
+                   load_batches: Callable[[list[list[int]]], Iterable[dict]], rows: list[int], batch_size: int,
+                   grid: torch.Tensor, desc: str, chunk_size: int = 2048) -> tuple[RewardTable, float]:
+    """The table of the data set's images ``rows`` (in that order) on every rank: loaded from ``path``
+    when every rank finds a matching one, else measured and saved by the main process.
+
+    The rows are cut into chunks of ``chunk_size`` (at most ``ceil(len(rows) / world)``, so every rank has
+    work on a small table); rank ``r`` measures chunks ``r, r + world, ...`` and
+    writes each to ``<path stem>.parts/`` as soon as it is done (temporary name, then a rename), so an
+    interrupted measurement resumes at the first unfinished chunk (a chunk file is reused only if it was
+    measured from the same ``meta``, rows and chunk size). The chunks are then gathered (no shared file
+    system needed) and the parts removed. ``load_batches(index_batches)`` yields one collated batch
+    (``{"pixel_values", optionally "keys"}``) per list of indices, in order: the DataLoader path, so images
+    decode in ``data.num_workers`` workers. An image that cannot be decoded (missing from its batch's
+    ``keys``) is left out of the table, with a warning."""
     world, rank = accelerator.num_processes, accelerator.process_index
     table = RewardTable.load(path, meta)
     if not any_rank(accelerator, table is None):   # every rank has it
         return table, 0.0
+    rows = [int(i) for i in rows]
+    if not rows:
+        raise ValueError(f"rows: expected at least one image to measure the reward table {path.name} on, got none")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
     from tqdm.auto import tqdm
 
     started = time.time()
-    chunk = -(-num_rows // world)
-    mine = list(range(rank * chunk, min(num_rows, (rank + 1) * chunk)))
-    bar = tqdm(total=len(mine), desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    batches = (load_batch(mine[s:s + batch_size]) for s in range(0, len(mine), batch_size))
-    part = measure_reward_table(model, batches, grid, progress=bar.update) if mine else None
+    n, width, k = len(rows), model.policy.mlp.in_dim, grid.numel()   # in_dim: the width of policy_features
+    chunk_size = min(chunk_size, -(-n // world))
+    bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+    parts = path.with_name(path.stem + ".parts")
+    part_meta = json.loads(json.dumps(dict(meta, chunk_size=chunk_size), sort_keys=True))
+    mine = {c: _load_chunk(parts, c, rows, part_meta) for c in range(rank, len(bounds), world)}
+    todo = [c for c, chunk in mine.items() if chunk is None]
+    bar = tqdm(total=sum(bounds[c][1] - bounds[c][0] for c in todo), desc=desc,
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    wanted = [rows[b:min(e, b + batch_size)] for s, e in (bounds[c] for c in todo) for b in range(s, e, batch_size)]
+    batches = iter(load_batches(wanted) if wanted else ())
+    for c in todo:
+        start, end = bounds[c]
+        features, rl = torch.full((end - start, width), float("nan")), torch.full((end - start, k), float("nan"))
+        valid = torch.zeros(end - start, dtype=torch.bool)
+        for b in range(start, end, batch_size):
+            want = rows[b:min(end, b + batch_size)]
+            pixels, ok = _decoded(next(batches), want)
+            if ok.any():
+                part = measure_reward_table(model, [pixels], grid)
+                where = torch.arange(b - start, b - start + len(want))[ok]
+                features[where], rl[where], valid[where] = part.features, part.rl, True
+            bar.update(len(want))
+        mine[c] = (features, rl, valid)
+        _save_chunk(parts, c, rows, part_meta, mine[c])
     bar.close()
-    if world > 1:
-        features = torch.zeros(chunk, model.policy.mlp.in_dim)   # the width of policy_features
-        rl = torch.zeros(chunk, grid.numel())
-        if part is not None:
-            features[: len(part)], rl[: len(part)] = part.features, part.rl
-        features = accelerator.gather(features.to(accelerator.device)).cpu()[:num_rows]
-        rl = accelerator.gather(rl.to(accelerator.device)).cpu()[:num_rows]
-        part = RewardTable(features, rl)
-    if not bool(torch.isfinite(part.rl).all() and torch.isfinite(part.features).all()):
+    features, rl, valid = _gather_chunks(accelerator, mine, bounds, chunk_size, width, k)
+    if not bool(torch.isfinite(rl[valid]).all() and torch.isfinite(features[valid]).all()):
         raise ValueError(f"the reward table {path.name} holds NaN or inf: is the tokenizer broken?")
+    if not valid.any():
+        raise ValueError(f"the reward table {path.name}: none of its {n} images could be decoded")
+    if not valid.all():
+        warnings.warn(f"reward table {path.name}: {int((~valid).sum())} of {n} images could not be decoded "
+                      "and are left out")
+    table = RewardTable(features[valid], rl[valid], torch.tensor(rows)[valid])
     if accelerator.is_main_process:
-        part.save(path, meta)
+        table.save(path, meta)
     accelerator.wait_for_everyone()
-    return part, time.time() - started
+    for c in mine:                                  # each rank its own parts (they may be on a local disk)
+        _chunk_file(parts, c).unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:                                 # not empty yet (another rank) or already gone
+        pass
+    return table, time.time() - started
+
+
+def _chunk_file(parts: Path, chunk: int) -> Path:
+    return parts / f"chunk-{chunk:06d}.safetensors"
+
+
+def _chunk_meta(part_meta: dict, chunk: int, rows: list[int]) -> str:
+    """What a chunk file must have been measured from: the table's meta, its chunk size and number, and a
+    digest of the table's rows (so a different subset never reuses it)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    return json.dumps(dict(part_meta, chunk=chunk, rows_sha256=digest), sort_keys=True)
+
+
+def _load_chunk(parts: Path, chunk: int, rows: list[int], part_meta: dict):
+    """``(features, rl, valid)`` of a finished chunk file measured from the same table, else None."""
+    file = _chunk_file(parts, chunk)
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        if (f.metadata() or {}).get("meta") != _chunk_meta(part_meta, chunk, rows):
+            return None
+    tensors = load_file(str(file))
+    return tensors["features"], tensors["rl"], tensors["valid"].bool()
+
+
+def _save_chunk(parts: Path, chunk: int, rows: list[int], part_meta: dict, measured) -> None:
+    parts.mkdir(parents=True, exist_ok=True)
+    file = _chunk_file(parts, chunk)
+    tmp = file.with_name(file.name + ".tmp")
+    features, rl, valid = measured
+    save_file({"features": features.contiguous(), "rl": rl.contiguous(), "valid": valid.to(torch.uint8)}, str(tmp),
+              metadata={"meta": _chunk_meta(part_meta, chunk, rows)})
+    tmp.replace(file)
+
+
+def _decoded(batch: dict, want: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's pixels and which of the requested rows ``want`` they are (a loader drops undecodable
+    images from a batch and names the rest in ``keys``)."""
+    pixels = batch["pixel_values"]
+    if pixels.shape[0] == len(want):
+        return pixels, torch.ones(len(want), dtype=torch.bool)
+    keys = [int(key) for key in batch.get("keys") or []]
+    if len(keys) != pixels.shape[0]:
+        raise ValueError(f"a batch of {len(want)} rows came back with {pixels.shape[0]} images and no keys "
+                         "saying which: cannot tell which rows they are")
+    keys = set(keys)
+    return pixels, torch.tensor([i in keys for i in want], dtype=torch.bool)
+
+
+def _gather_chunks(accelerator, mine: dict, bounds: list[tuple[int, int]], chunk_size: int, width: int, k: int):
+    """Every chunk on every rank, in row order: each rank pads its chunks (``rank, rank + world, ...``) to
+    ``slots x chunk_size`` rows and one gather per tensor collects them."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    slots = -(-len(bounds) // world)
+    features, rl = torch.zeros(slots * chunk_size, width), torch.zeros(slots * chunk_size, k)
+    valid = torch.zeros(slots * chunk_size)
+    for c, (f, r, v) in mine.items():
+        at = (c // world) * chunk_size
+        features[at:at + len(f)], rl[at:at + len(f)], valid[at:at + len(f)] = f, r, v.float()
+    if world > 1:
+        features, rl, valid = (accelerator.gather(t.to(accelerator.device)).cpu() for t in (features, rl, valid))
+    out = []
+    for t in (features, rl, valid):
+        t = t.view(world, slots, chunk_size, *t.shape[1:])
+        out.append(torch.cat([t[c % world, c // world, : e - s] for c, (s, e) in enumerate(bounds)]))
+    return out[0], out[1], out[2] > 0.5

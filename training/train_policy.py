@@ -14,7 +14,10 @@ With ``train.reward_table true`` the decodes happen once, up front: every image'
 allowed length is measured and cached, and each step looks its rewards up (see ``reward_table``);
 ``train.objective expected`` then follows the exact gradient of the expected reward, and
 ``train.val_size`` scores the policy on held-out images against the best fixed length, the binary
-search and the oracle at every log step (``policy_val_reward.png``).
+search and the oracle at every log step (``policy_val_reward.png``). At scale the table is a seeded
+subset (``train.table_size`` + ``train.val_size`` images drawn by ``train.table_seed``) measured through
+the evaluation transform on a coarse grid (``model.policy_step``), in chunks across ranks that an
+interrupted run resumes (``train.table_chunk_size``).
 
 Under DeepSpeed (``--train.deepspeed zero2``/``zero3`` or a DeepSpeed ``accelerate launch``) only
 the trainable heads (policy + quality head) form the engine; the frozen tokenizer stays a plain
@@ -25,31 +28,23 @@ averaged over ranks; the export consolidates the heads (a collective) and rank 0
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..tokenizer import AdaTokModel
 from ..tokenizer.policy import lengths_to_indices
 from ..tokenizer.rewards import entropy_weight, reinforce_loss, relative_advantage
-from .batches import PreloadedImages, ResumableBatchSampler
-from .checkpointing import CheckpointManager
-from .config import parse_config
-from .distributed import (assert_replicas_match, describe_batch, fill_bucket_sizes, final_model, full_state_dict,
-                          half_precision_autocast, half_precision_engine, mean_over_ranks, stop_if_non_finite,
-                          uses_deepspeed, zero_stage)
-from .engine import RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
-from .launch import make_accelerator
+from .batches import ResumableBatchSampler
+from .data_setup import DataConfig, build_image_processor, build_train_data, epoch_batches, require_map_style
+from .distributed import assert_replicas_match, fill_bucket_sizes, half_precision_autocast, mean_over_ranks
 from .evaluation import mse_per_image
+from .loop import LoopConfig, Stage, main as run_main, rank_seed, run
 from .reward_table import (OBJECTIVES, calibrate_dial, measure_shared, score_on_table, table_policy_loss,
                            table_rewards)
-from .train_tokenizer import DataConfig, build_image_processor, build_train_data
 
 HISTORY_KEYS = ("reward", "entropy", "log_prob", "length_mean", "val_reward", "val_best_fixed_reward",
                 "val_search_reward", "val_oracle_reward")
@@ -59,18 +54,11 @@ POLICY_FIELDS = ("policy_min_tokens", "policy_max_tokens", "policy_step", "polic
 
 
 @dataclass
-class PolicyTrainConfig:
+class PolicyTrainConfig(LoopConfig):
     output_dir: str = "outputs/policy"
-    seed: int = 0
-    max_steps: int = 1000
-    time_budget_s: float | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 4e-5
-    grad_clip: float = 1.0
     advantage: str = "relative"              # eq. 8 ("relative") or the plain baseline ("baseline")
     mu: float = 0.1                          # eq. 8
     entropy_start: float = 0.05              # lambda(0) of eq. 9
@@ -80,17 +68,26 @@ class PolicyTrainConfig:
     curve_extra_lengths: int = 1             # extra random lengths decoded per image for the curve fit (online)
     reward_table: bool = False               # measure rl at every grid length once, then train on look-ups
     table_size: int | None = None            # training images in the table (None: all of data.limit)
+    table_seed: int | None = None            # the seeded draw of the table's + held-out images (None: train.seed)
+    table_chunk_size: int = 2048             # rows per saved part of a table being measured (resume granularity)
     objective: str = "reinforce"             # reinforce (eq. 8/9) | expected (exact gradient; table only)
     val_size: int = 0                        # held-out training images scored every log step (table mode)
     dial_confidence: float = 0.9             # share of held-out (image, length) pairs the max_mse dial covers
-    mixed_precision: str = "auto"
-    num_threads: int | None = None
-    log_every: int = 10
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    export: bool = True
-    deepspeed: str | None = None             # DeepSpeed JSON (configs/deepspeed/zero2.json) or its name ("zero3")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "expected" and not self.reward_table:
+            raise ValueError("train.objective 'expected' sums the reward over every length: it needs "
+                             "train.reward_table true")
+        if self.val_size and not self.reward_table:
+            raise ValueError("train.val_size scores the policy on a held-out reward table: it needs "
+                             "train.reward_table true")
+        if self.table_chunk_size < 1:
+            raise ValueError(f"train.table_chunk_size must be >= 1, got {self.table_chunk_size}")
+        if not 0.0 < self.dial_confidence < 1.0:
+            raise ValueError(f"train.dial_confidence must be in (0, 1), got {self.dial_confidence}")
 
 
 @dataclass
@@ -115,182 +112,130 @@ def load_tokenizer_for_policy(path: str, overrides: dict) -> AdaTokModel:
     return model
 
 
-def train(cfg: PolicyTrainingConfig) -> dict:
-    tc = cfg.train
-    configure_threads(tc.num_threads)
-    accelerator = make_accelerator(tc.mixed_precision, deepspeed=tc.deepspeed, micro_batch_size=tc.batch_size,
-                                   grad_clip=tc.grad_clip)
-    is_main = accelerator.is_main_process
-    ds = uses_deepspeed(accelerator)
-    out_dir = Path(tc.output_dir)
-    torch.manual_seed(tc.seed)
-    model = load_tokenizer_for_policy(cfg.tokenizer, cfg.model).to(accelerator.device).eval()
-    assert_replicas_match(accelerator, model, "tokenizer with its fresh policy")
-    torch.manual_seed(tc.seed + 1000 * accelerator.process_index)
-    policy, curve_head = model.policy, model.quality_head
-    grid = policy.grid
-    m = model.num_latent_tokens
-    spec = model.reward_spec()
+class PolicyStage(Stage):
+    """Stage 2 for :func:`~.loop.run`: REINFORCE (or the exact expected reward) over online decodes or a
+    reward table. The trained model is the heads (policy + quality head) inside the frozen tokenizer."""
 
-    if tc.objective not in OBJECTIVES:
-        raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {tc.objective!r}")
-    if tc.objective == "expected" and not tc.reward_table:
-        raise ValueError("train.objective 'expected' sums the reward over every length: it needs "
-                         "train.reward_table true")
-    if tc.val_size and not tc.reward_table:
-        raise ValueError("train.val_size scores the policy on a held-out reward table: it needs "
-                         "train.reward_table true")
-    if not 0.0 < tc.dial_confidence < 1.0:
-        raise ValueError(f"train.dial_confidence must be in (0, 1), got {tc.dial_confidence}")
-    data, collate = build_train_data(_as_tokenizer_cfg(cfg), model.config)
-    table, val_table, table_s = (_reward_tables(cfg, model, data, collate, accelerator) if tc.reward_table
-                                 else (None, None, 0.0))
-    if table is not None:
-        train_rewards = table_rewards(spec, table, grid, m)
-        val_rewards = table_rewards(spec, val_table, grid, m) if val_table is not None else None
-    sampler = ResumableBatchSampler(len(table) if table is not None else len(data), tc.batch_size, seed=tc.seed,
-                                    rank=accelerator.process_index, world_size=accelerator.num_processes)
-    heads = torch.nn.ModuleDict({"policy": policy, "quality_head": curve_head})
-    params = [p for p in heads.parameters() if p.requires_grad]
-    num_trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    fill_bucket_sizes(accelerator, model.config.policy_hidden_size)   # the heads have no config.hidden_size
-    heads, optimizer = accelerator.prepare(heads, optimizer)
-    raw_heads = accelerator.unwrap_model(heads)
+    desc = "stage 2 (ATA)"
+    tag = "heads"
+    count = None
+    autocast = False        # the step picks what runs in half precision (the frozen decodes stay fp32)
+    postfix_keys = ("reward", "length_mean", "entropy")
+    log_export = False      # log.jsonl keeps one row per step
 
-    def write_pretrained(folder: Path) -> None:
-        model.config.save_pretrained(folder)
-        build_image_processor(model.config, cfg.data, train=False).save_pretrained(folder)
+    def __init__(self, cfg: PolicyTrainingConfig, accelerator):
+        tc, self.cfg, self.accelerator = cfg.train, cfg, accelerator
+        model = load_tokenizer_for_policy(cfg.tokenizer, cfg.model).to(accelerator.device).eval()
+        assert_replicas_match(accelerator, model, "tokenizer with its fresh policy")
+        rank_seed(accelerator, tc.seed)
+        self.whole, self.grid, self.spec = model, model.policy.grid, model.reward_spec()
+        self.table, self.val_table, self.table_s = (_reward_tables(cfg, model, accelerator)
+                                                    if tc.reward_table else (None, None, 0.0))
+        data, collate = (build_train_data(cfg, model.config, what="stage 2 (train_policy)") if self.table is None
+                         else (None, None))
+        m = model.num_latent_tokens
+        if self.table is not None:
+            self.train_rewards = table_rewards(self.spec, self.table, self.grid, m)
+            self.val_rewards = table_rewards(self.spec, self.val_table, self.grid, m) \
+                if self.val_table is not None else None
+        self.sampler = ResumableBatchSampler(len(self.table) if self.table is not None else len(data), tc.batch_size,
+                                             seed=tc.seed, rank=accelerator.process_index,
+                                             world_size=accelerator.num_processes)
+        self.batches = (lambda: iter(self.sampler)) if self.table is not None else \
+            epoch_batches(data, collate, self.sampler, cfg.data.num_workers)
+        heads = torch.nn.ModuleDict({"policy": model.policy, "quality_head": model.quality_head})
+        self.params = [p for p in heads.parameters() if p.requires_grad]
+        self.num_trainable = sum(p.numel() for p in self.params)
+        optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        fill_bucket_sizes(accelerator, model.config.policy_hidden_size)   # the heads have no config.hidden_size
+        self.model, self.optimizer = accelerator.prepare(heads, optimizer)
+
+    def counters(self) -> dict:
+        return {"history": []}
+
+    def write_pretrained(self, folder: Path) -> None:
+        self.whole.config.save_pretrained(folder)
+        build_image_processor(self.whole.config, self.cfg.data, train=False).save_pretrained(folder)
         # ``adatok export`` takes the frozen weights from here and the heads from the ZeRO shards.
-        (folder / "export.json").write_text(json.dumps({"base_model": str(Path(cfg.tokenizer).resolve())}),
+        (folder / "export.json").write_text(json.dumps({"base_model": str(Path(self.cfg.tokenizer).resolve())}),
                                             encoding="utf-8")
 
-    ckpt = CheckpointManager(out_dir, {} if ds else {"heads": raw_heads}, {} if ds else {"optimizer": optimizer},
-                             keep=tc.keep_checkpoints, is_main_process=is_main,
-                             engines={"heads": heads} if ds else None,
-                             pretrained={"heads": write_pretrained} if ds else None,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             local_rank=accelerator.local_process_index,
-                             barrier=accelerator.wait_for_everyone)
-    state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "history": []}
-    if tc.resume and (tc.resume != "auto" or ckpt.latest() is not None):
-        state = ckpt.load(None if tc.resume == "auto" else tc.resume)
-    sampler.set_position(state["epoch"], state["batch"])
-    logger = RunLogger(out_dir, enabled=is_main)
-    if is_main:
+    def banner(self) -> str:
+        tc, grid = self.cfg.train, self.grid
         objective = f"{tc.advantage} advantage (mu={tc.mu})" if tc.objective == "reinforce" else "exact expected reward"
         source = "online decodes"
-        if table is not None:
-            source = (f"reward table of {len(table)} images x {grid.numel()} lengths "
-                      + (f"(measured in {table_s:.0f} s)" if table_s else "(from disk)"))
-        print(f"AdaTok stage 2 (ATA): lengths {int(grid[0])}..{int(grid[-1])} ({grid.numel()} choices), "
-              f"{spec.kind} reward, {objective}, {source}, "
-              f"{describe_batch(tc.batch_size, 1, accelerator.num_processes)}, {num_trainable / 1e3:.1f}K trainable"
-              + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
+        if self.table is not None:
+            source = (f"reward table of {len(self.table)} images x {grid.numel()} lengths "
+                      + (f"(measured in {self.table_s:.0f} s)" if self.table_s else "(from disk)"))
+        return (f"AdaTok stage 2 (ATA): lengths {int(grid[0])}..{int(grid[-1])} ({grid.numel()} choices), "
+                f"{self.spec.kind} reward, {objective}, {source}, {self.num_trainable / 1e3:.1f}K trainable")
 
-    bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc="stage 2 (ATA)", dynamic_ncols=True)
-    started = time.time() - state["elapsed_s"]
-    done = False
-    heads.train()
-    while not done:
-        if table is not None:
-            iterator = iter(sampler)
-        elif isinstance(data, PreloadedImages):
-            iterator = (data.batch(ix) for ix in sampler)
+    def step(self, batch, state: dict) -> dict:
+        tc, acc, model = self.cfg.train, self.accelerator, self.whole
+        policy, curve_head, grid = model.policy, model.quality_head, self.grid
+        lam = entropy_weight(state["step"], tc.max_steps, tc.entropy_start, tc.entropy_end, tc.entropy_schedule)
+        if self.table is not None:
+            rows = torch.as_tensor(batch)
+            features = self.table.features[rows].to(acc.device)
+            measured_rl = self.table.rl[rows].to(acc.device)
+            with half_precision_autocast(acc):
+                rewards = self.train_rewards[rows].to(features.device)
+                pg_loss, pg_logs, drawn = table_policy_loss(policy, features, rewards, tc.objective, tc.mu,
+                                                            tc.advantage, lam)
+                curve_loss = curve_head.curve_loss(features, grid.expand(rows.numel(), -1), measured_rl)
+            lengths, log_prob, entropy = drawn["lengths"], drawn["log_prob"], drawn["entropy"]
+            reward, baseline = drawn["reward"], drawn["baseline"]
+            rl = measured_rl.gather(1, lengths_to_indices(lengths, grid)[:, None]).squeeze(1)
         else:
-            iterator = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate)
-        for batch in iterator:
-            step = state["step"]
-            elapsed = time.time() - started
-            progress = run_progress(step, elapsed, tc.max_steps, tc.time_budget_s)
-            lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
-            set_lr(optimizer, lr)
-            lam = entropy_weight(step, tc.max_steps, tc.entropy_start, tc.entropy_end, tc.entropy_schedule)
-            if table is not None:
-                rows = torch.as_tensor(batch)
-                features = table.features[rows].to(accelerator.device)
-                measured_rl = table.rl[rows].to(accelerator.device)
-                with half_precision_autocast(accelerator):
-                    rewards = train_rewards[rows].to(features.device)
-                    pg_loss, pg_logs, drawn = table_policy_loss(policy, features, rewards, tc.objective, tc.mu,
-                                                                tc.advantage, lam)
-                    curve_loss = curve_head.curve_loss(features, grid.expand(rows.numel(), -1), measured_rl)
-                lengths, log_prob, entropy = drawn["lengths"], drawn["log_prob"], drawn["entropy"]
-                reward, baseline = drawn["reward"], drawn["baseline"]
-                rl = measured_rl.gather(1, lengths_to_indices(lengths, grid)[:, None]).squeeze(1)
-            else:
-                x = batch["pixel_values"].to(accelerator.device)
-                pg_loss, pg_logs, curve_loss, lengths, log_prob, entropy, reward, baseline, rl = _online_step(
-                    model, policy, curve_head, x, spec, m, tc, lam, accelerator)
-            loss = pg_loss + tc.curve_weight * curve_loss
-            checks = {"loss": loss, "reward": reward.mean(), "log_prob": log_prob.mean(), "curve_loss": curve_loss}
-            stop_if_non_finite(accelerator, checks, step, lambda at: ckpt.save(at, state))
-            optimizer_step(accelerator, loss, optimizer, params, tc.grad_clip)
+            x = batch["pixel_values"].to(acc.device)
+            pg_loss, pg_logs, curve_loss, lengths, log_prob, entropy, reward, baseline, rl = _online_step(
+                model, policy, curve_head, x, self.spec, model.num_latent_tokens, tc, lam, acc)
+        loss = pg_loss + tc.curve_weight * curve_loss
+        self.pg_logs = pg_logs
+        self.record = {"loss": float(loss.detach()), "reward": float(reward.mean()),
+                       "baseline_reward": float(baseline.mean()), "entropy": float(entropy.mean().detach()),
+                       "log_prob": float(log_prob.mean().detach()), "entropy_weight": lam,
+                       "length_mean": float(lengths.float().mean()), "length_std": float(lengths.float().std()),
+                       "rl": float(rl.mean()), "curve_loss": float(curve_loss.detach())}
+        return {"loss": loss, "reward": reward.mean(), "log_prob": log_prob.mean(), "curve_loss": curve_loss}
 
-            state["batch"] += 1
-            state["step"] = step = step + 1
-            state["elapsed_s"] = elapsed = time.time() - started
-            bar.update(1)
-            record = {"loss": float(loss.detach()), "reward": float(reward.mean()),
-                      "baseline_reward": float(baseline.mean()), "entropy": float(entropy.mean().detach()),
-                      "log_prob": float(log_prob.mean().detach()), "entropy_weight": lam,
-                      "length_mean": float(lengths.float().mean()), "length_std": float(lengths.float().std()),
-                      "rl": float(rl.mean()), "curve_loss": float(curve_loss.detach()), "lr": lr}
-            record = mean_over_ranks(accelerator, record)   # the global batch's values (a collective)
-            logging = step % tc.log_every == 0 or step == 1
-            if logging and val_table is not None:          # every rank: a policy forward (collective under ZeRO-3)
-                heads.eval()
-                record.update(score_on_table(policy, val_table, val_rewards, model.config.search_threshold))
-                heads.train()
-            state["history"].append({k: v for k, v in record.items() if k in HISTORY_KEYS} | {"step": step})
-            _warn_on_collapse(state["history"], tc.max_steps, is_main)
-            if logging:
-                logger.log(step, record | pg_logs)
-                bar.set_postfix(reward=f"{record['reward']:.3f}", L=f"{record['length_mean']:.1f}",
-                                H=f"{record['entropy']:.2f}")
-            if tc.save_every and step % tc.save_every == 0:
-                ckpt.save(step, state)
-            if step >= tc.max_steps or (tc.time_budget_s and elapsed >= tc.time_budget_s):
-                done = True
-                break
-        else:
-            state["epoch"] += 1
-            state["batch"] = 0
-            sampler.set_position(state["epoch"], 0)
-    bar.close()
-    if val_table is not None:
-        heads.eval()
-        model.config.quality_margin = calibrate_dial(curve_head, val_table, tc.dial_confidence)
-        if is_main:
-            print(f"quality dial: margin {model.config.quality_margin:.3f} (log space) covers "
-                  f"{tc.dial_confidence:.0%} of {len(val_table)} held-out images' measured losses")
-    final = ckpt.save(state["step"], state)
-    summary = {"steps": state["step"], "wall_s": state["elapsed_s"], "checkpoint": str(final) if final else None,
-               "reward_table_s": table_s}
-    # The heads' whole weights: the fp32 master copies of a half-precision engine (from the final
-    # checkpoint, on the main process), else the live ones (gathered: a collective under ZeRO-3).
-    export_model, heads_state = None, None
-    if tc.export and half_precision_engine(accelerator):
-        export_model = final_model(accelerator, heads, final, tag="heads")
-    elif tc.export and ds:
-        heads_state = full_state_dict(accelerator, heads)
-    if is_main:
-        from .visualize import training_curves
+    def on_step_end(self, state: dict, log: bool) -> dict | None:
+        record = mean_over_ranks(self.accelerator, self.record)   # the global batch's values (a collective)
+        if log and self.val_table is not None:                  # every rank: a policy forward (collective under ZeRO-3)
+            self.model.eval()
+            record.update(score_on_table(self.whole.policy, self.val_table, self.val_rewards,
+                                         self.whole.config.search_threshold))
+            self.model.train()
+        state["history"].append({k: v for k, v in record.items() if k in HISTORY_KEYS} | {"step": state["step"]})
+        _warn_on_collapse(state["history"], self.cfg.train.max_steps, self.accelerator.is_main_process)
+        return record | self.pg_logs if log else None
 
-        training_curves(state["history"], out_dir)
-        if tc.export:
-            export_dir = out_dir / "model"
-            if export_model is not None:
-                export_model.save_pretrained(export_dir)
-            elif heads_state is not None:   # whole heads over the (possibly sharded) ones
-                model.save_pretrained(export_dir, state_dict={**model.state_dict(), **heads_state})
-            else:
-                model.save_pretrained(export_dir)
-            build_image_processor(model.config, cfg.data, train=False).save_pretrained(export_dir)
-            summary["model_dir"] = str(export_dir)
-    accelerator.wait_for_everyone()
-    logger.close()
-    return summary
+    def on_train_end(self, state: dict) -> None:
+        out_dir = Path(self.cfg.train.output_dir)
+        if self.val_table is not None:
+            self.model.eval()
+            config = self.whole.config
+            config.quality_margin = calibrate_dial(self.whole.quality_head, self.val_table, self.cfg.train.dial_confidence)
+            if self.accelerator.is_main_process:
+                print(f"quality dial: margin {config.quality_margin:.3f} (log space) covers "
+                      f"{self.cfg.train.dial_confidence:.0%} of {len(self.val_table)} held-out images' measured losses")
+        if self.accelerator.is_main_process:
+            from .visualize import training_curves
+
+            training_curves(state["history"], out_dir)
+
+    def summary(self, state: dict) -> dict:
+        return {"reward_table_s": self.table_s}
+
+    def export(self, model: AdaTokModel, folder: Path, state: dict) -> dict:
+        model.save_pretrained(folder)
+        build_image_processor(model.config, self.cfg.data, train=False).save_pretrained(folder)
+        return {"model_dir": str(folder)}
+
+
+def train(cfg: PolicyTrainingConfig) -> dict:
+    """Run stage-2 training; returns a summary (steps, wall time, reward-table seconds, export path)."""
+    return run(cfg, PolicyStage)
 
 
 def _online_step(model, policy, curve_head, x, spec, m, tc, lam, accelerator):
@@ -320,38 +265,79 @@ def _online_step(model, policy, curve_head, x, spec, m, tc, lam, accelerator):
     return pg_loss, pg_logs, curve_loss, lengths, log_prob, entropy, reward, baseline, rl
 
 
-def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, data, collate, accelerator):
-    """The training table (the first ``train.table_size`` images of the training data) and, with
-    ``train.val_size``, a held-out one (the last ``val_size`` images, never in the table); both cached
-    under ``<output_dir>/reward_table``. Returns ``(table, val_table or None, seconds spent measuring)``."""
-    from ..generator.sample_c2i import model_fingerprint
+def table_rows(total: int, table_size: int | None, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """The training data's rows of the reward table and of the held-out table: one seeded permutation of
+    ``range(total)``, the table its first ``table_size`` entries and the held-out rows its last ``val_size``
+    (so they never overlap, a larger table extends a smaller one, and the held-out rows stay put when the
+    table grows), each sorted (files of a folder are then read in order).
+
+    A uniform draw, not a class-stratified one: it needs no labels (folders and shards without any), is an
+    unbiased sample of the training distribution for the dial's quantile, and an ImageNet-layout folder,
+    listed class by class, is no longer cut to its first classes; with ~1,000 balanced classes a 100k draw
+    holds 100 +- 10 images of each."""
+    if val_size < 0:
+        raise ValueError(f"train.val_size must be >= 0, got {val_size}")
+    num_rows = min(table_size or total, total - val_size)
+    if num_rows < 1:
+        raise ValueError(f"the training data has {total} images: too few for train.val_size={val_size} held-out "
+                         "images plus a reward table")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[:num_rows]), sorted(order[total - val_size:]) if val_size else []
+
+
+def _measurement_data(cfg: PolicyTrainingConfig, model_config):
+    """``(data set, collate, processor)`` of the training split through the deterministic evaluation
+    transform (no random crop or flip): the images a table measures, the same on every run, so the
+    table's rows, its policy features and the held-out losses that calibrate the dial repeat."""
+    from .batches import collate_preloaded, preload_images
+    from .data import ImageTransformDataset, collate_images
+    from .data_setup import load_split
+    from .data_sources import decide_preload
+
+    dataset = require_map_style(load_split(cfg.data, cfg.data.train_split, cfg.train.seed, limit=cfg.data.limit),
+                                cfg.data, "stage 2's reward table (train_policy)")
+    processor = build_image_processor(model_config, cfg.data, train=False)
+    if decide_preload(len(dataset), model_config.image_size, preload=cfg.data.preload,
+                      preload_max_gb=cfg.data.preload_max_gb, channels=getattr(model_config, "num_channels", 3)):
+        return preload_images(dataset, processor), collate_preloaded, processor
+    return ImageTransformDataset(dataset, processor), collate_images, processor
+
+
+def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, accelerator):
+    """The training table (``train.table_size`` images of the training data) and, with ``train.val_size``,
+    a held-out one (never in the table), both drawn by :func:`table_rows` with ``train.table_seed`` and
+    measured through the evaluation transform; cached under ``<output_dir>/reward_table`` (the draw's rule
+    and seed in the metadata, each image's row in the file). Returns ``(table, val_table or None, seconds
+    spent measuring)``. The policy then trains on the table's own features, i.e. on the images measured."""
+    from ..tokenizer.loading import model_fingerprint
 
     tc, grid = cfg.train, model.policy.grid
     folder = Path(tc.output_dir) / "reward_table"
-    if cfg.data.flip:
-        warnings.warn("train.reward_table measures each image once, without data.flip augmentation")
-    total = len(data)
-    num_rows = min(tc.table_size or total, total - tc.val_size)
-    if tc.val_size < 0 or num_rows < 1:
-        raise ValueError(f"the training data has {total} images: too few for train.val_size={tc.val_size} held-out "
-                         "images plus a reward table")
-    meta = {"tokenizer": model_fingerprint(cfg.tokenizer), "grid": grid.tolist(), "rows": [0, num_rows],
-            "data": dataclasses.asdict(cfg.data)}
+    if cfg.data.flip or cfg.data.crop == "random" or cfg.data.transforms == "natural":
+        warnings.warn("train.reward_table measures each image once, through the evaluation transform (centre "
+                      "crop, no flip): the data section's training augmentation is not applied")
+    data, collate, processor = _measurement_data(cfg, model.config)
+    seed = tc.seed if tc.table_seed is None else tc.table_seed
+    rows, val_rows = table_rows(len(data), tc.table_size, tc.val_size, seed)
+    source = {"dataset": cfg.data.dataset, "split": cfg.data.train_split, "label_file": cfg.data.label_file,
+              "limit": cfg.data.limit,     # natural_crops: its crops are drawn from train.seed
+              "crops": [cfg.data.num_crops, tc.seed] if cfg.data.dataset == "natural_crops" else None,
+              "processor": json.loads(json.dumps(processor.to_dict(), sort_keys=True, default=str))}
+    draw = {"rule": "torch.randperm(total, seed): table = first table_size, held out = last val_size",
+            "seed": seed, "total": len(data), "table_size": len(rows), "val_size": len(val_rows)}
+    meta = {"tokenizer": model_fingerprint(cfg.tokenizer), "grid": grid.tolist(), "data": source, "rows": draw}
 
-    def load(ix: list[int]) -> torch.Tensor:
-        if isinstance(data, PreloadedImages):
-            return data.batch(ix)["pixel_values"]
-        return collate([data[i] for i in ix])["pixel_values"]
+    def load_batches(index_batches: list[list[int]]):
+        return epoch_batches(data, collate, index_batches, cfg.data.num_workers)()
 
     batch = max(tc.batch_size, 64)
-    table, seconds = measure_shared(accelerator, folder / "train.safetensors", meta, model, load, num_rows, batch,
-                                    grid, "reward table (train)")
+    table, seconds = measure_shared(accelerator, folder / "train.safetensors", dict(meta, part="train"), model,
+                                    load_batches, rows, batch, grid, "reward table (train)", tc.table_chunk_size)
     val_table = None
-    if tc.val_size:
-        first = total - tc.val_size
-        val_table, val_s = measure_shared(accelerator, folder / "val.safetensors", dict(meta, rows=[first, total]),
-                                          model, lambda ix: load([first + i for i in ix]), tc.val_size, batch, grid,
-                                          "reward table (held out)")
+    if val_rows:
+        val_table, val_s = measure_shared(accelerator, folder / "val.safetensors", dict(meta, part="held out"), model,
+                                          load_batches, val_rows, batch, grid, "reward table (held out)",
+                                          tc.table_chunk_size)
         seconds += val_s
     return table, val_table, seconds
 
@@ -364,19 +350,8 @@ def _warn_on_collapse(history: list[dict], max_steps: int, is_main: bool) -> Non
                       "(10% of training): it has collapsed early; raise train.entropy_start or lower train.lr")
 
 
-def _as_tokenizer_cfg(cfg: PolicyTrainingConfig):
-    """Adapter so the stage-1 data builder serves stage 2 (same data section, same seed)."""
-    from .train_tokenizer import TokenizerTrainingConfig, TrainConfig
-
-    return TokenizerTrainingConfig(data=cfg.data, train=TrainConfig(seed=cfg.train.seed))
-
-
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_config(PolicyTrainingConfig, argv)
-    summary = train(cfg)
-    if summary.get("model_dir"):
-        print(f"exported model with policy: {summary['model_dir']}")
-    return summary
+    return run_main(PolicyTrainingConfig, train, argv, "model with policy")
 
 
 if __name__ == "__main__":

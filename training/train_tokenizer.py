@@ -4,9 +4,17 @@
         --output_dir outputs/tiny --max_steps 2000 --train.lr 2e-3
     accelerate launch -m adatok_vlm.training.train_tokenizer --config configs/tokenizer/adatok-s.yaml ...
 
-Set-up lives here; the loop's shared pieces (LR schedule, EMA, checkpoints, logging) live in
-``engine`` and ``checkpointing``. ``--resume auto`` continues from the latest complete checkpoint
-with the same step, optimizer, EMA, data position and RNG state.
+This module holds the stage (``TokenizerStage``: its model, losses, discriminator step and outputs);
+the loop itself (LR schedule, checkpoints, resume, logging, export) is ``loop.run``, the data
+``data_setup``. ``--resume auto`` continues from the latest complete checkpoint with the same step,
+optimizer, EMA, data position and RNG state.
+
+``--data.latents CACHE`` (a folder written by ``adatok cache-latents``, checked against this run's VAE
+fingerprint, crop recipe and source images) feeds the encoder the cached VAE latents of the very crops
+and flips the pixel path would use, so a step runs no VAE encoder and the losses are the same step for
+step. With the pixel-space losses off (``loss.perceptual_weight``, ``gan_weight``, ``pixel_weight`` all 0)
+no pixel data is built at all (and no sample grids are drawn: they need images); with any of them on, the
+pixels are still read, as the targets of those losses, beside the latents.
 
 Under DeepSpeed ZeRO-2/3 (``--train.deepspeed configs/deepspeed/zero3.json``, or ``accelerate launch
 --config_file configs/accelerate/...``) the same loop runs unchanged: the tokenizer and its AdamW
@@ -35,43 +43,26 @@ safetensors as in a single-process run.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..tokenizer import AdaTokConfig, AdaTokModel
-from .batches import PreloadedImages, ResumableBatchSampler, collate_preloaded, preload_images
-from .checkpointing import CheckpointManager
-from .config import parse_config
-from .distributed import (any_rank, assert_replicas_match, describe_batch, final_model, half_precision_autocast,
-                          materialize, mean_over_ranks, param_gatherer, replicate, stop_if_non_finite, uses_deepspeed,
-                          zero_stage)
-from .engine import EMA, RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
+from .batches import PreloadedImages, ResumableBatchSampler
+from .config import build_model_config
+from .data_setup import (DataConfig, StreamData, StreamEpochs, build_image_processor, build_train_data,  # noqa: F401
+                         epoch_batches, flip_batch, load_split, resolve_num_workers, step_flips)   # load_split: still imported from here by extract_tokens and demo
+from .distributed import (any_rank, assert_replicas_match, materialize, mean_over_ranks, param_gatherer, replicate,
+                          uses_deepspeed)
+from .engine import EMA
 from .evaluation import default_lengths
-from .launch import make_accelerator
+from .loop import LoopConfig, Stage, main as run_main, rank_seed, run
 
 
 # =============================================================================================
 # config
 # =============================================================================================
-@dataclass
-class DataConfig:
-    dataset: str = "fashion_mnist"          # fashion_mnist | natural_crops | a folder | a save_to_disk dir | a cached hub name
-    train_split: str = "train"
-    eval_split: str = "test"
-    resize_mode: str = "pad"                 # "pad" letter-boxes small images (28 -> 32); "shortest_edge" resizes
-    crop: str = "center"
-    flip: bool = False                       # random horizontal flips (seeded by step: resumable)
-    preload: bool = True                     # process the whole split once into memory (small data sets)
-    num_workers: int = 0
-    limit: int | None = None                 # use only the first N training images
-    num_crops: int = 20000                   # natural_crops only
-
-
 @dataclass
 class LossConfig:
     perceptual_weight: float = 0.0           # lambda_p (eq. 5)
@@ -87,30 +78,12 @@ class LossConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
     output_dir: str = "outputs/tokenizer"
-    seed: int = 0
-    max_steps: int = 1000
-    time_budget_s: float | None = None       # stop (and finish the LR schedule) within this wall time
-    batch_size: int = 64                     # per device
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.0
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 100
     weight_decay: float = 4e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = 1.0
     ema_decay: float = 0.0                   # 0 disables EMA
-    mixed_precision: str = "auto"            # bf16 on GPUs that support it, fp32 on CPU
-    num_threads: int | None = None
-    log_every: int = 10
-    sample_every: int = 500
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str | None = None                # "auto" | a checkpoint folder
-    export: bool = True                      # save_pretrained the final (EMA) model to <output_dir>/model
-    deepspeed: str | None = None             # DeepSpeed JSON (configs/deepspeed/zero2.json) or its name ("zero3")
+    sample_every: int = 500                  # reconstruction grids of 8 training images; 0 disables
 
 
 @dataclass
@@ -119,49 +92,6 @@ class TokenizerTrainingConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def build_model_config(section: dict) -> AdaTokConfig:
-    """``{"preset": name, **overrides}`` (or plain AdaTokConfig fields) -> AdaTokConfig."""
-    section = dict(section)
-    preset = section.pop("preset", None)
-    return AdaTokConfig.from_preset(preset, **section) if preset else AdaTokConfig(**section)
-
-
-# =============================================================================================
-# data
-# =============================================================================================
-def build_image_processor(model_config: AdaTokConfig, data: DataConfig, train: bool):
-    from ..image_processing_adatok import AdaTokImageProcessor
-
-    return AdaTokImageProcessor(size=model_config.image_size, resize_mode=data.resize_mode,
-                                crop="random" if (train and data.crop == "random") else "center", do_flip=False)
-
-
-def load_split(data: DataConfig, split: str, seed: int = 0):
-    from .data import load_image_dataset
-
-    kwargs = {"num_crops": data.num_crops, "seed": seed} if data.dataset == "natural_crops" else {}
-    return load_image_dataset(data.dataset, split=split, **kwargs)
-
-
-def build_train_data(cfg: TokenizerTrainingConfig, model_config: AdaTokConfig):
-    dataset = load_split(cfg.data, cfg.data.train_split, cfg.train.seed)
-    if cfg.data.limit:
-        dataset = dataset.select(range(min(cfg.data.limit, len(dataset))))
-    processor = build_image_processor(model_config, cfg.data, train=True)
-    if cfg.data.preload:
-        return preload_images(dataset, processor), collate_preloaded
-    from .data import ImageTransformDataset, collate_images
-
-    return ImageTransformDataset(dataset, processor), collate_images
-
-
-def flip_batch(pixels: torch.Tensor, seed: int, step: int) -> torch.Tensor:
-    """Random horizontal flips drawn from (seed, step): the same on resume."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    flip = torch.rand(pixels.shape[0], generator=g) < 0.5
-    return torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(-1), pixels)
 
 
 # =============================================================================================
@@ -224,234 +154,270 @@ def fixed_gan_weight(loss_fn, weight: float | None):
 
 
 # =============================================================================================
-# the loop
+# the stage
 # =============================================================================================
-def train(cfg: TokenizerTrainingConfig) -> dict:
-    """Run stage-1 training; returns a summary (steps, wall time, images/s, export path)."""
-    tc = cfg.train
-    configure_threads(tc.num_threads)
-    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum, deepspeed=tc.deepspeed,
-                                   micro_batch_size=tc.batch_size, grad_clip=tc.grad_clip)
-    out_dir = Path(tc.output_dir)
-    is_main = accelerator.is_main_process
-    ds = uses_deepspeed(accelerator)
+class TokenizerStage(Stage):
+    """Stage 1 for :func:`~.loop.run`: NTM reconstruction (eq. 5), optionally with the perceptual and
+    GAN losses; the discriminator is a second model with its own optimizer (see the module docstring)."""
 
-    # Same init on every rank, different data randomness per rank.
-    torch.manual_seed(tc.seed)
-    model_config = build_model_config(cfg.model)
-    model = AdaTokModel(model_config)
-    assert_replicas_match(accelerator, model, "tokenizer")
-    torch.manual_seed(tc.seed + 1000 * accelerator.process_index)
+    desc = "stage 1 (NTM)"
 
-    data, collate = build_train_data(cfg, model_config)
-    sampler = ResumableBatchSampler(len(data), tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
-                                    world_size=accelerator.num_processes)
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=cfg.data.num_workers > 0)
-    fast_batches = isinstance(data, PreloadedImages) and cfg.data.num_workers == 0
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    num_trainable = sum(p.numel() for p in params)   # counted before ZeRO-3 shards the parameters
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    loss_fn, disc, disc_opt = None, None, None
-    if cfg.loss.perceptual_weight > 0 or cfg.loss.gan_weight > 0:
-        from ..tokenizer.losses import AdaTokStage1Loss
-
-        lc = cfg.loss
-        loss_fn = AdaTokStage1Loss(perceptual_weight=lc.perceptual_weight,
-                                   perceptual_net=lc.perceptual_net if lc.perceptual_weight > 0 else None,
-                                   gan_weight=lc.gan_weight, gan_start_step=lc.gan_start_step,
-                                   adaptive_gan_weight=lc.adaptive_gan_weight, lecam_weight=lc.lecam_weight,
-                                   disc_base_channels=lc.disc_base_channels, disc_num_layers=lc.disc_num_layers)
-        if lc.gan_weight > 0:
-            disc = loss_fn.discriminator
-            disc_opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or tc.lr, betas=(0.5, 0.9),
-                                         weight_decay=tc.weight_decay)
-    # The EMA copies the whole model before prepare (under ZeRO-3 prepare shards it in place).
-    ema = EMA(model, tc.ema_decay, gather=param_gatherer(accelerator)).to(accelerator.device) \
-        if tc.ema_decay > 0 else None
-    if ds:
-        model, optimizer = accelerator.prepare(model, optimizer)
-        if disc is not None:   # outside ZeRO: a DDP replica (see the module docstring)
-            disc = replicate(disc, accelerator)
-            loss_fn.discriminator = disc
-    elif disc is not None:
-        model, optimizer, disc, disc_opt = accelerator.prepare(model, optimizer, disc, disc_opt)
-        loss_fn.discriminator = disc   # the wrapped one, so its gradients are synchronised across ranks
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    if loss_fn is not None:
-        loss_fn.to(accelerator.device)
-    raw_model = accelerator.unwrap_model(model)
-    replay = ds and disc is not None and cfg.loss.adaptive_gan_weight
-    last_layer_input = LastLayerInput(raw_model.decoder.to_patches) if replay else None
-
-    # Under DeepSpeed the engine writes the tokenizer and its optimizer (sharded); the rest is replicated.
-    modules = {} if ds else {"model": raw_model}
-    optimizers = {} if ds else {"optimizer": optimizer}
-    if ema is not None:
-        modules["ema"] = ema
-    if disc is not None:
-        modules["discriminator"] = accelerator.unwrap_model(disc) if not ds else getattr(disc, "module", disc)
-        optimizers["disc_optimizer"] = disc_opt
-
-    def write_pretrained(folder: Path) -> None:
-        model_config.save_pretrained(folder)
-        build_image_processor(model_config, cfg.data, train=False).save_pretrained(folder)
-
-    ckpt = CheckpointManager(out_dir, modules, optimizers, keep=tc.keep_checkpoints, is_main_process=is_main,
-                             engines={"model": model} if ds else None,
-                             pretrained={"model": write_pretrained} if ds else None,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             local_rank=accelerator.local_process_index,
-                             barrier=accelerator.wait_for_everyone)
-
-    state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "images": 0, "skipped_images": 0}
-    if tc.resume:
-        path = None if tc.resume == "auto" else tc.resume
-        if tc.resume != "auto" or ckpt.latest() is not None:
-            state = ckpt.load(path)
-            if is_main:
-                print(f"resumed from {path or ckpt.latest()} at step {state['step']}")
-    sampler.set_position(state["epoch"], state["batch"])
-
-    global_batch = tc.batch_size * tc.grad_accum * accelerator.num_processes
-    logger = RunLogger(out_dir, enabled=is_main)
-    if is_main:
-        print(f"AdaTok stage 1: {model_config.num_latent_tokens} tokens, "
-              f"{num_trainable / 1e6:.2f}M trainable parameters, "
-              f"{len(data)} images, {describe_batch(tc.batch_size, tc.grad_accum, accelerator.num_processes)}, "
-              f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
-              + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
-        if getattr(data, "num_skipped", 0):
-            print(f"skipped {data.num_skipped} unreadable images while preprocessing")
-    sample_images = _sample_images(data, 8)
-
-    def save(step: int) -> Path | None:   # with several processes ckpt.save fences itself with barriers
-        return ckpt.save(step, state)
-
-    bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc="stage 1 (NTM)",
-               dynamic_ncols=True)
-    started = time.time() - state["elapsed_s"]
-    last_log_time, last_log_images = time.time(), state["images"]
-    model.train()
-    done = False
-    while not done:
-        for batch in loader if not fast_batches else _fast_iter(data, sampler):
-            step = state["step"]
-            pixels = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-            state["skipped_images"] += int(batch.get("num_skipped", 0))
-            if not fast_batches and any_rank(accelerator, pixels.shape[0] == 0):
-                state["batch"] += 1   # every image of a batch was unreadable (here or on another rank): skip it
-                continue
-            if cfg.data.flip:
-                pixels = flip_batch(pixels, tc.seed + accelerator.process_index, step)
-            elapsed = time.time() - started
-            progress = run_progress(step, elapsed, tc.max_steps, tc.time_budget_s)
-            lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
-            set_lr(optimizer, lr)
-            with accelerator.accumulate(model), half_precision_autocast(accelerator):
-                out = model(pixels, return_reconstruction=loss_fn is not None or cfg.loss.pixel_weight > 0)
-                losses = {"recon_loss": out.recon_loss}
-                loss = out.loss
-                if cfg.loss.pixel_weight > 0:
-                    losses["pixel_loss"] = torch.nn.functional.mse_loss(out.reconstruction.float(), pixels.float())
-                    loss = loss + cfg.loss.pixel_weight * losses["pixel_loss"]
-                if loss_fn is not None:
-                    weight = None
-                    if replay and loss_fn.gan_active(step):
-                        weight = replayed_adaptive_weight(accelerator, raw_model, loss_fn, last_layer_input.h,
-                                                          out.target_latents, pixels, cfg.loss.pixel_weight)
-                    with fixed_gan_weight(loss_fn, weight):
-                        loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, loss, step,
-                                                            raw_model.last_layer_weight())
-                    losses.update({k: torch.as_tensor(v) for k, v in logs.items()})
-                losses["loss"] = loss
-                stop_if_non_finite(accelerator, losses, step, save, close=(bar, logger))
-                grad_norm = optimizer_step(accelerator, loss, optimizer, params, tc.grad_clip)
-                if disc is not None and ds:
-                    # The replica outside ZeRO: accelerator.backward would drive the tokenizer's engine.
-                    sync = accelerator.sync_gradients or not hasattr(disc, "no_sync")
-                    with contextlib.nullcontext() if sync else disc.no_sync():
-                        d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
-                        (d_loss / tc.grad_accum).backward()
-                    if accelerator.sync_gradients:
-                        disc_opt.step()
-                        disc_opt.zero_grad(set_to_none=True)
-                    losses.update({k: torch.as_tensor(v) for k, v in d_logs.items()})
-                elif disc is not None:
-                    d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
-                    accelerator.backward(d_loss)
-                    disc_opt.step()
-                    disc_opt.zero_grad(set_to_none=True)
-                    losses.update({k: torch.as_tensor(v) for k, v in d_logs.items()})
-            state["batch"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.update(raw_model)
-            state["step"] = step = step + 1
-            state["images"] += global_batch
-            state["elapsed_s"] = elapsed = time.time() - started
-            bar.update(1)
-            if step % tc.log_every == 0 or step == 1:
-                now = time.time()
-                ips = (state["images"] - last_log_images) / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_images = now, state["images"]
-                values = mean_over_ranks(accelerator, {k: float(v.detach()) for k, v in losses.items()})
-                values.update(lr=lr, images_per_s=ips, mean_kept_tokens=float(out.lengths.float().mean()))
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                logger.log(step, values)
-                postfix = {"loss": f"{values['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{ips:.0f}"}
-                if tc.time_budget_s:
-                    postfix["left"] = f"{max(0.0, tc.time_budget_s - elapsed):.0f}s"
-                bar.set_postfix(postfix)
-            if tc.sample_every and step % tc.sample_every == 0 and sample_images is not None:
-                from .visualize import reconstruction_grid
-
-                grid_model = materialize(accelerator, model)   # a collective under ZeRO-3
-                if is_main:
-                    reconstruction_grid(grid_model, sample_images, default_lengths(model_config.num_latent_tokens),
-                                        out_dir / "samples" / f"step-{step:08d}.png")
-                del grid_model
-                model.train()
-                accelerator.wait_for_everyone()
-            if tc.save_every and step % tc.save_every == 0:
-                save(step)
-            if step >= tc.max_steps or (tc.time_budget_s and elapsed >= tc.time_budget_s):
-                done = True
-                break
+    def __init__(self, cfg: TokenizerTrainingConfig, accelerator):
+        tc, lc, self.cfg, self.accelerator = cfg.train, cfg.loss, cfg, accelerator
+        ds = uses_deepspeed(accelerator)
+        self.model_config = build_model_config(cfg.model)
+        model = AdaTokModel(self.model_config)
+        assert_replicas_match(accelerator, model, "tokenizer")
+        rank_seed(accelerator, tc.seed)
+        # The latent cache (data.latents), opened before prepare: under ZeRO-3 the VAE weights would be shards.
+        self.cache = open_latent_cache(cfg, self.model_config, model)
+        self.needs_pixels = lc.perceptual_weight > 0 or lc.gan_weight > 0 or lc.pixel_weight > 0
+        self.data, self.preloaded = None, False
+        if self.cache is None or self.needs_pixels:
+            self.data, collate = build_train_data(cfg, self.model_config, allow_stream=True)
+        self.streamed = isinstance(self.data, StreamData)
+        if self.streamed and self.cache is not None:
+            raise ValueError(f"data.latents: a latent cache is indexed by image position, but data.dataset "
+                             f"{cfg.data.dataset!r} is read as a stream; drop data.latents or set data.streaming false")
+        if self.cache is not None and self.needs_pixels:
+            self.data = check_cache_matches_data(self.cache, self.data, cfg.data)
+        if self.streamed:   # this rank's part of the stream; the loop's set_position reaches it (see StreamEpochs)
+            self.sampler = StreamEpochs(self.data, tc.batch_size, rank=accelerator.process_index,
+                                        world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
+                                        shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed,
+                                        agree=lambda flag: any_rank(accelerator, flag))
+            self.batches = self.sampler.stream
         else:
-            state["epoch"] += 1
-            state["batch"] = 0
-            sampler.set_position(state["epoch"], 0)
-            if is_main and state["skipped_images"]:
-                print(f"epoch {state['epoch']}: {state['skipped_images']} unreadable images skipped so far")
-    bar.close()
-    final_ckpt = save(state["step"])
-    summary = {"steps": state["step"], "wall_s": state["elapsed_s"],
-               "images_per_s": state["images"] / max(state["elapsed_s"], 1e-9),
-               "num_parameters": num_trainable,
-               "skipped_images": state["skipped_images"] + int(getattr(data, "num_skipped", 0)),
-               "checkpoint": str(final_ckpt) if final_ckpt else None}
-    export_model = None
-    if tc.export:
-        export_model = ema.shadow if ema is not None else final_model(accelerator, model, final_ckpt)   # collective
-    if tc.export and is_main:
-        export_dir = out_dir / "model"
-        export_model.save_pretrained(export_dir)
-        build_image_processor(model_config, cfg.data, train=False).save_pretrained(export_dir)
-        summary["model_dir"] = str(export_dir)
-        logger.log(state["step"], {"event": "export", **{k: v for k, v in summary.items() if k != "checkpoint"}})
-    accelerator.wait_for_everyone()
-    logger.close()
-    return summary
+            num_items = len(self.data) if self.data is not None else len(self.cache)
+            self.sampler = ResumableBatchSampler(num_items, tc.batch_size, seed=tc.seed,
+                                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
+        if self.data is None:   # pixel-space losses off: the cache's latents are the whole batch
+            self.batches = lambda: ({"indices": i, "epoch": self.sampler.epoch} for i in self.sampler)
+        elif not self.streamed:
+            self.batches = epoch_batches(self.data, collate, self.sampler, cfg.data.num_workers)
+            self.preloaded = isinstance(self.data, PreloadedImages) and resolve_num_workers(self.data,
+                                                                                             cfg.data.num_workers) == 0
+            if self.cache is not None:
+                self.batches = cached_positions(self.batches, self.data, self.sampler, self.preloaded)
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.num_trainable = sum(p.numel() for p in self.params)   # counted before ZeRO-3 shards the parameters
+        optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.loss_fn, disc, disc_opt = build_losses(lc, tc)
+        # The EMA copies the whole model before prepare (under ZeRO-3 prepare shards it in place).
+        self.ema = EMA(model, tc.ema_decay, gather=param_gatherer(accelerator)).to(accelerator.device) \
+            if tc.ema_decay > 0 else None
+        if ds:
+            model, optimizer = accelerator.prepare(model, optimizer)
+            if disc is not None:   # outside ZeRO: a DDP replica (see the module docstring)
+                disc = replicate(disc, accelerator)
+        elif disc is not None:     # the wrapped one, so its gradients are synchronised across ranks
+            model, optimizer, disc, disc_opt = accelerator.prepare(model, optimizer, disc, disc_opt)
+        else:
+            model, optimizer = accelerator.prepare(model, optimizer)
+        if self.loss_fn is not None:
+            if disc is not None:
+                self.loss_fn.discriminator = disc
+            self.loss_fn.to(accelerator.device)
+        self.model, self.optimizer, self.disc, self.disc_opt = model, optimizer, disc, disc_opt
+        self.raw = accelerator.unwrap_model(model)
+        replay = ds and disc is not None and lc.adaptive_gan_weight
+        self.last_layer_input = LastLayerInput(self.raw.decoder.to_patches) if replay else None
+        # Under DeepSpeed the engine writes the tokenizer and its optimizer (sharded); these are replicated.
+        self.replicated = {"ema": self.ema} if self.ema is not None else {}
+        if disc is not None:
+            self.replicated["discriminator"] = getattr(disc, "module", disc)
+            self.replicated_optimizers = {"disc_optimizer": disc_opt}
+        self.sample_images = _sample_images(self.data, 8)
+        if accelerator.is_main_process and getattr(self.data, "num_skipped", 0):
+            print(f"skipped {self.data.num_skipped} unreadable images while preprocessing")
+
+    def counters(self) -> dict:
+        return {"skipped_images": 0}
+
+    def write_pretrained(self, folder: Path) -> None:
+        self.model_config.save_pretrained(folder)
+        build_image_processor(self.model_config, self.cfg.data, train=False).save_pretrained(folder)
+
+    def banner(self) -> str:
+        images = (self.data.describe() if self.streamed else f"{len(self.data)} images" if self.data is not None
+                  else f"{len(self.cache)} cached images")
+        if self.cache is not None:
+            images += f" (VAE latents from {self.cache.path}" + (", pixels for the pixel-space losses)"
+                                                                 if self.needs_pixels else ", no VAE encoder)")
+        return (f"AdaTok stage 1: {self.model_config.num_latent_tokens} tokens, "
+                f"{self.num_trainable / 1e6:.2f}M trainable parameters, {images}")
+
+    def prepare(self, batch, state: dict):
+        """``(pixels or None, normalised cached latents or None)``; pixels only when there is pixel data."""
+        device, seed = self.accelerator.device, self.cfg.train.seed + self.accelerator.process_index
+        pixels = latents = None
+        if self.data is not None:
+            pixels = batch["pixel_values"].to(device, non_blocking=True)
+            state["skipped_images"] += int(batch.get("num_skipped", 0))
+            if not self.preloaded and any_rank(self.accelerator, pixels.shape[0] == 0):
+                return None   # every image of the batch was unreadable (here or on another rank)
+            if step_flips(self.cfg.data):
+                pixels = flip_batch(pixels, seed, state["step"])
+        if self.cache is not None:   # the same (image, crop, flip) as the pixels; no VAE encoder
+            raw = self.cache.batch(batch["indices"], batch["epoch"], state["step"], flip_seed=seed)["latents"]
+            latents = self.raw.latent_space.normalize(raw.to(device, non_blocking=True))
+        return pixels, latents
+
+    def step(self, batch, state: dict) -> dict:
+        lc, loss_fn, step = self.cfg.loss, self.loss_fn, state["step"]
+        pixels, latents = batch
+        out = self.model(pixels if latents is None else None, latents=latents,
+                         return_reconstruction=loss_fn is not None or lc.pixel_weight > 0)
+        losses = {"recon_loss": out.recon_loss}
+        loss = out.loss
+        if lc.pixel_weight > 0:
+            losses["pixel_loss"] = torch.nn.functional.mse_loss(out.reconstruction.float(), pixels.float())
+            loss = loss + lc.pixel_weight * losses["pixel_loss"]
+        if loss_fn is not None:
+            weight = None
+            if self.last_layer_input is not None and loss_fn.gan_active(step):
+                weight = replayed_adaptive_weight(self.accelerator, self.raw, loss_fn, self.last_layer_input.h,
+                                                  out.target_latents, pixels, lc.pixel_weight)
+            with fixed_gan_weight(loss_fn, weight):
+                loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, loss, step,
+                                                    self.raw.last_layer_weight())
+            losses.update({k: torch.as_tensor(v) for k, v in logs.items()})
+        losses["loss"] = loss
+        self.out, self.losses = out, losses
+        return losses
+
+    def after_backward(self, batch, state: dict) -> None:
+        """The discriminator's step on this micro-batch's (detached) reconstruction."""
+        if self.disc is None:
+            return
+        pixels = batch[0]
+        acc, disc, recon = self.accelerator, self.disc, self.out.reconstruction.detach()
+        if uses_deepspeed(acc):
+            # The replica outside ZeRO: accelerator.backward would drive the tokenizer's engine.
+            sync = acc.sync_gradients or not hasattr(disc, "no_sync")
+            with contextlib.nullcontext() if sync else disc.no_sync():
+                d_loss, d_logs = self.loss_fn.discriminator_loss(pixels, recon, state["step"])
+                (d_loss / self.cfg.train.grad_accum).backward()
+            if acc.sync_gradients:
+                self.disc_opt.step()
+                self.disc_opt.zero_grad(set_to_none=True)
+        else:
+            d_loss, d_logs = self.loss_fn.discriminator_loss(pixels, recon, state["step"])
+            acc.backward(d_loss)
+            self.disc_opt.step()
+            self.disc_opt.zero_grad(set_to_none=True)
+        self.losses.update({k: torch.as_tensor(v) for k, v in d_logs.items()})
+
+    def on_step_end(self, state: dict, log: bool) -> dict | None:
+        values = None
+        if log:
+            values = mean_over_ranks(self.accelerator, {k: float(v.detach()) for k, v in self.losses.items()})
+            values["mean_kept_tokens"] = float(self.out.lengths.float().mean())
+        step, every = state["step"], self.cfg.train.sample_every
+        if every and step % every == 0 and self.sample_images is not None:
+            from .visualize import reconstruction_grid
+
+            grid_model = materialize(self.accelerator, self.model)   # a collective under ZeRO-3
+            if self.accelerator.is_main_process:
+                reconstruction_grid(grid_model, self.sample_images,
+                                    default_lengths(self.model_config.num_latent_tokens),
+                                    Path(self.cfg.train.output_dir) / "samples" / f"step-{step:08d}.png")
+            del grid_model
+            self.model.train()
+            self.accelerator.wait_for_everyone()
+        return values
+
+    def on_epoch_end(self, state: dict) -> None:
+        if self.accelerator.is_main_process and state["skipped_images"]:
+            print(f"epoch {state['epoch'] + 1}: {state['skipped_images']} unreadable images skipped so far")
+
+    def summary(self, state: dict) -> dict:
+        return {"num_parameters": self.num_trainable,
+                "skipped_images": state["skipped_images"] + int(getattr(self.data, "num_skipped", 0))}
+
+    def export(self, model: AdaTokModel, folder: Path, state: dict) -> dict:
+        model.save_pretrained(folder)
+        build_image_processor(self.model_config, self.cfg.data, train=False).save_pretrained(folder)
+        return {"model_dir": str(folder)}
 
 
-def _fast_iter(data: PreloadedImages, sampler: ResumableBatchSampler):
-    for indices in sampler:
-        yield data.batch(indices)
+def open_latent_cache(cfg: TokenizerTrainingConfig, model_config: AdaTokConfig, model: AdaTokModel):
+    """The :class:`~.cache_latents.LatentCache` at ``cfg.data.latents`` checked against this run (its VAE's
+    fingerprint, the crop recipe, the source images), or ``None`` without one. Call it before
+    ``accelerator.prepare``: it reads the VAE's whole weights (loading them from ``vae_path`` first)."""
+    if not cfg.data.latents:
+        return None
+    if model_config.latent_space != "vae":
+        raise ValueError(f"data.latents: a latent cache holds VAE latents, but this tokenizer works in the "
+                         f"{model_config.latent_space!r} latent space (model.latent_space); drop --data.latents")
+    from .cache_latents import LatentCache, crop_recipe, vae_fingerprint
+
+    model.latent_space._ensure_weights()
+    cache = LatentCache(cfg.data.latents, vae_fingerprint(model.latent_space.vae))
+    cache.check_source(cfg.data)
+    cache.check_recipe(crop_recipe(cfg.data, model_config.image_size, cfg.train.seed, cache.num_crops,
+                                   num_items=cache.info["source"]["num_items"], channels=model_config.num_channels))
+    return cache
+
+
+class CachedCropEpochs(torch.utils.data.Dataset):
+    """A per-item seeded pixel data set (``ImageTransformDataset`` over ``NaturalImageTransform``) read at
+    epoch ``e % num_crops``: the crop a random-crop latent cache holds for epoch ``e``, so pixel targets and
+    cached latents show the same crop past the first ``num_crops`` epochs too."""
+
+    def __init__(self, data, num_crops: int):
+        self.data, self.num_crops, self.image_processor = data, num_crops, data.image_processor
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        return self.data[(int(epoch) % self.num_crops, int(index))]
+
+
+def check_cache_matches_data(cache, data, data_cfg: DataConfig):
+    """The pixel data a cached run with pixel-space losses reads beside ``cache`` (wrapped by
+    :class:`CachedCropEpochs` for a random-crop cache); a ``ValueError`` naming ``data.latents`` when the
+    cache's image positions are not the data's."""
+    if len(cache) != len(data):
+        raise ValueError(f"data.latents: the cache {str(cache.path)!r} holds {len(cache)} images, but the training "
+                         f"data ({data_cfg.dataset!r}) has {len(data)}: rebuild the cache from this data set")
+    if not isinstance(data, PreloadedImages) and cache.info["skipped"]:
+        raise ValueError(f"data.latents: the cache {str(cache.path)!r} skipped unreadable images "
+                         f"({cache.info['skipped']}), so its positions differ from the data set's, which this run "
+                         "decodes per item; remove those files and rebuild the cache, or set data.preload true")
+    if cache.num_crops > 1:
+        data = CachedCropEpochs(data, cache.num_crops)
+    return data
+
+
+def cached_positions(batches, data, sampler, preloaded: bool):
+    """Tag each pixel batch with what :meth:`LatentCache.batch` needs: the images' positions and the epoch."""
+    if preloaded:   # sliced directly: the sampler's positions
+        return lambda: ({**data.batch(i), "indices": i, "epoch": sampler.epoch} for i in sampler)
+    # through a DataLoader: collate_images keeps the key (the item's index) of every image it kept
+    return lambda: ({**b, "indices": list(b["keys"]), "epoch": sampler.epoch} for b in batches())
+
+
+def build_losses(lc: LossConfig, tc: TrainConfig):
+    """``(loss_fn, discriminator, its optimizer)``: the perceptual/GAN terms of eq. 5, ``None`` parts when off."""
+    if lc.perceptual_weight <= 0 and lc.gan_weight <= 0:
+        return None, None, None
+    from ..tokenizer.losses import AdaTokStage1Loss
+
+    loss_fn = AdaTokStage1Loss(perceptual_weight=lc.perceptual_weight,
+                               perceptual_net=lc.perceptual_net if lc.perceptual_weight > 0 else None,
+                               gan_weight=lc.gan_weight, gan_start_step=lc.gan_start_step,
+                               adaptive_gan_weight=lc.adaptive_gan_weight, lecam_weight=lc.lecam_weight,
+                               disc_base_channels=lc.disc_base_channels, disc_num_layers=lc.disc_num_layers)
+    if lc.gan_weight <= 0:
+        return loss_fn, None, None
+    disc = loss_fn.discriminator
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or tc.lr, betas=(0.5, 0.9),
+                                 weight_decay=tc.weight_decay)
+    return loss_fn, disc, disc_opt
 
 
 def _sample_images(data, count: int) -> torch.Tensor | None:
@@ -460,12 +426,13 @@ def _sample_images(data, count: int) -> torch.Tensor | None:
     return None
 
 
+def train(cfg: TokenizerTrainingConfig) -> dict:
+    """Run stage-1 training; returns a summary (steps, wall time, images/s, export path)."""
+    return run(cfg, TokenizerStage)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_config(TokenizerTrainingConfig, argv)
-    summary = train(cfg)
-    if summary.get("model_dir"):
-        print(f"exported model: {summary['model_dir']}")
-    return summary
+    return run_main(TokenizerTrainingConfig, train, argv, "model")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,23 +40,16 @@ from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ..image_processing_adatok import AdaTokImageProcessor
+from ..configuration_vlm import VLM_TRAINING_INFO
 from ..modeling_vlm import AdaTokVLMForCausalLM
 from ..peft_vlm import apply_lora
 from ..processing_vlm import AdaTokVLMProcessor
-from ..sample_t2i import TRAINING_INFO
-from ..tokenizer import AdaTokModel
+from ..tokenizer import AdaTokImageProcessor, AdaTokModel
 from ..vlm_data import DEFAULT_TEMPLATES, CaptionedImages, VLMCollator, class_captions, tokenizer_adds_bos
 from .batches import ResumableBatchSampler
-from .checkpointing import CheckpointManager
-from .config import parse_config
-from .distributed import (any_rank, assert_replicas_match, describe_batch, fill_bucket_sizes, full_state_dict,
-                          half_precision_autocast, half_precision_engine, mean_over_ranks, stop_if_non_finite,
-                          uses_deepspeed, zero_stage)
-from .engine import RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
-from .launch import make_accelerator
+from .distributed import any_rank, assert_replicas_match, fill_bucket_sizes, mean_over_ranks
+from .loop import LoopConfig, Stage, main as run_main, run
 
 # Random LMs for tests and smoke runs (hidden 32/64, 2 layers); ``lm.config`` overrides any field.
 LM_PRESETS = {
@@ -116,29 +108,20 @@ class VLMLoraConfig:
 
 
 @dataclass
-class VLMTrainConfig:
+class VLMTrainConfig(LoopConfig):
     output_dir: str = "outputs/vlm"
-    seed: int = 0
     max_steps: int = 10_000
-    time_budget_s: float | None = None       # stop (and finish the LR schedule) within this wall time
     finetune: str = "lora"                   # lora | full
     batch_size: int = 16                     # per device
-    grad_accum: int = 1
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    mixed_precision: str = "auto"
-    num_threads: int | None = None
-    log_every: int = 10
     save_every: int = 1000
-    keep_checkpoints: int = 2
-    resume: str | None = None                # "auto" | a checkpoint folder
-    export: bool = True
-    deepspeed: str | None = None             # DeepSpeed JSON (configs/deepspeed/zero2.json) or its name ("zero3")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"train.finetune must be 'lora' or 'full', got {self.finetune!r}")
 
 
 @dataclass
@@ -240,7 +223,7 @@ def build_dataset(dc: VLMDataConfig, image_processor, token_dim: int, tokenizer_
     from .data import ImageTransformDataset, load_image_dataset
 
     if dc.tokens:
-        from ..generator.sample_c2i import model_fingerprint
+        from ..tokenizer.loading import model_fingerprint
         from .extract_tokens import TokenCache
 
         cache = TokenCache(dc.tokens, limit=dc.limit)
@@ -291,149 +274,117 @@ class TrainableState:
 
 
 # =============================================================================================
-# the loop
+# the stage
 # =============================================================================================
+class VLMStage(Stage):
+    """Next-token + flow-head training of the VLM (LoRA or full), for :func:`~.loop.run`."""
+
+    count = "examples"
+    postfix_keys = ("text_loss", "image_loss", "stop_loss")
+
+    def __init__(self, cfg: VLMTrainingConfig, accelerator):
+        tc, dc, self.cfg, self.accelerator = cfg.train, cfg.data, cfg, accelerator
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.desc = f"VLM {dc.direction}"
+        vlm, self.text_tokenizer = build_vlm(cfg)
+        self.image_processor = image_processor_for(cfg.tokenizer, vlm.adatok, dc.resize_mode)
+        self.data, self.class_names = build_dataset(dc, self.image_processor, vlm.config.tokenizer_config.token_dim,
+                                                    cfg.tokenizer)
+        # The collator encodes with its own frozen copy of AdaTok: on the CPU inside DataLoader workers, else on
+        # the device; never the model's own AdaTok, whose weights a ZeRO-3 engine would partition after `prepare`.
+        # A token cache brings its tokens: no encoder then.
+        encoder = None
+        if not dc.tokens:
+            encoder = copy.deepcopy(vlm.adatok).to("cpu" if dc.num_workers > 0 else accelerator.device).eval()
+        self.collator = VLMCollator(self.text_tokenizer, vlm.config, adatok=encoder,
+                                    num_image_tokens=dc.num_image_tokens,
+                                    fallback_num_image_tokens=dc.fallback_num_image_tokens, direction=dc.direction,
+                                    t2i_template=dc.t2i_template, i2t_template=dc.i2t_template,
+                                    prompt_dropout=dc.prompt_dropout, max_text_tokens=dc.max_text_tokens,
+                                    add_bos=dc.add_bos, add_eos=dc.add_eos, loss_on_prompt=dc.loss_on_prompt,
+                                    pad_to_multiple_of=dc.pad_to_multiple_of, seed=tc.seed)
+        self.sampler = ResumableBatchSampler(len(self.data), tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
+        # The loader's own generator: its per-epoch worker seeds must not draw from the global stream, which the
+        # flow head's noise and times use and checkpoints restore (resume is then exact).
+        self.loader = DataLoader(self.data, batch_sampler=self.sampler, collate_fn=self.collator,
+                                 num_workers=dc.num_workers, pin_memory=torch.cuda.is_available(),
+                                 generator=torch.Generator().manual_seed(tc.seed))
+        model = with_finetuning(vlm, cfg)
+        assert_replicas_match(accelerator, model, "VLM")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.num_trainable = sum(p.numel() for p in self.params)   # before ZeRO-3 shards them
+        self.vlm, self.lm_parameters = vlm, vlm.language_model.num_parameters()
+        optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        # ZeRO's "auto" buckets follow the LM's width (the composite VLM config has no hidden_size of its own)
+        fill_bucket_sizes(accelerator, vlm.language_model.config.get_text_config().hidden_size)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.last = {}
+
+    def weights(self) -> tuple[str, object]:
+        """Without DeepSpeed the trainable weights only (the frozen LM and AdaTok stay out); under ZeRO the
+        engine writes its shards, frozen weights included."""
+        return "trainable", TrainableState(self.accelerator.unwrap_model(self.model))
+
+    def rebuild(self):
+        """The same VLM (``build_vlm`` + LoRA) for the whole weights of a sharded or half-precision engine."""
+        return with_finetuning(build_vlm(self.cfg)[0], self.cfg)
+
+    def counters(self) -> dict:
+        return {"image_tokens": 0, "skipped": 0}
+
+    def banner(self) -> str:
+        tc, dc, vlm = self.cfg.train, self.cfg.data, self.vlm
+        lengths = "from the token cache" if dc.tokens else self.collator.num_image_tokens
+        return (f"AdaTok VLM ({tc.finetune}, {dc.direction}): LM {type(vlm.language_model).__name__} "
+                f"{self.lm_parameters / 1e6:.1f}M, trainable {self.num_trainable / 1e6:.2f}M, "
+                f"{len(self.data)} examples, image lengths {lengths!r} of {vlm.config.max_image_tokens}")
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.sampler.set_position(epoch, batch)
+        self.collator.set_epoch(epoch)
+
+    def batches(self):
+        return self.loader
+
+    def prepare(self, batch, state: dict):
+        state["skipped"] += batch["num_skipped"]
+        if any_rank(self.accelerator, batch["input_ids"].numel() == 0):   # every image unreadable (on some rank)
+            return None
+        self.batch = batch
+        return {k: batch[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask", "labels",
+                                                                   "image_tokens", "image_lengths")}
+
+    def step(self, inputs: dict, state: dict) -> dict:
+        self.out = self.model(**inputs)
+        return {"loss": self.out.loss}
+
+    def on_step_end(self, state: dict, log: bool) -> dict | None:
+        lengths = self.batch["image_lengths"]
+        state["image_tokens"] += int(lengths.sum()) * self.accelerator.num_processes
+        out = self.out
+        self.last = {name: float(getattr(out, name).detach()) for name in ("loss", "text_loss", "image_loss",
+                                                                           "stop_loss")
+                     if getattr(out, name) is not None}
+        # the global batch's loss (a collective; its parts stay this rank's: a mixed-direction batch
+        # may lack text or images on one rank)
+        self.last.update(mean_over_ranks(self.accelerator, {"loss": self.last["loss"]}))
+        if not log:
+            return None
+        return {**self.last, "mean_image_tokens": float(lengths.float().mean()),
+                "seq_len": int(self.batch["input_ids"].shape[1]), "skipped": state["skipped"]}
+
+    def summary(self, state: dict) -> dict:
+        return {"losses": self.last, "s_per_step": state["elapsed_s"] / max(1, state["step"]),
+                "num_trainable": self.num_trainable, "skipped": state["skipped"]}
+
+    def export(self, model, folder: Path, state: dict) -> dict:
+        return export(self.cfg, model, self.text_tokenizer, self.image_processor, self.class_names, state["step"],
+                      folder.parent)
+
+
 def train(cfg: VLMTrainingConfig) -> dict:
     """Train; returns a summary (steps, wall time, last losses, export paths)."""
-    tc, dc = cfg.train, cfg.data
-    if tc.finetune not in ("lora", "full"):
-        raise ValueError(f"train.finetune must be 'lora' or 'full', got {tc.finetune!r}")
-    configure_threads(tc.num_threads)
-    accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum, deepspeed=tc.deepspeed,
-                                   micro_batch_size=tc.batch_size, grad_clip=tc.grad_clip)
-    ds = uses_deepspeed(accelerator)
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    out_dir = Path(tc.output_dir)
-
-    vlm, text_tokenizer = build_vlm(cfg)
-    image_processor = image_processor_for(cfg.tokenizer, vlm.adatok, dc.resize_mode)
-    data, class_names = build_dataset(dc, image_processor, vlm.config.tokenizer_config.token_dim, cfg.tokenizer)
-    # The collator encodes with its own frozen copy of AdaTok: on the CPU inside DataLoader workers, else on the
-    # device; never the model's own AdaTok, whose weights a ZeRO-3 engine would partition after `prepare`.
-    # A token cache brings its tokens: no encoder then.
-    encoder = None
-    if not dc.tokens:
-        encoder = copy.deepcopy(vlm.adatok).to("cpu" if dc.num_workers > 0 else accelerator.device).eval()
-    collator = VLMCollator(text_tokenizer, vlm.config, adatok=encoder,
-                           num_image_tokens=dc.num_image_tokens, fallback_num_image_tokens=dc.fallback_num_image_tokens,
-                           direction=dc.direction, t2i_template=dc.t2i_template, i2t_template=dc.i2t_template,
-                           prompt_dropout=dc.prompt_dropout, max_text_tokens=dc.max_text_tokens, add_bos=dc.add_bos,
-                           add_eos=dc.add_eos, loss_on_prompt=dc.loss_on_prompt,
-                           pad_to_multiple_of=dc.pad_to_multiple_of, seed=tc.seed)
-    sampler = ResumableBatchSampler(len(data), tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
-    # The loader's own generator: its per-epoch worker seeds must not draw from the global stream, which the
-    # flow head's noise and times use and checkpoints restore (resume is then exact).
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collator, num_workers=dc.num_workers,
-                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(tc.seed))
-
-    model = with_finetuning(vlm, cfg)
-    assert_replicas_match(accelerator, model, "VLM")
-    params = [p for p in model.parameters() if p.requires_grad]
-    num_trainable = sum(p.numel() for p in params)                 # before ZeRO-3 shards them
-    lm_parameters = vlm.language_model.num_parameters()
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    # ZeRO's "auto" buckets follow the LM's width (the composite VLM config has no hidden_size of its own)
-    fill_bucket_sizes(accelerator, vlm.language_model.config.get_text_config().hidden_size)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    # Without DeepSpeed: the trainable weights only (safetensors). Under ZeRO the engine writes its
-    # shards (every rank), frozen weights included.
-    ckpt = CheckpointManager(out_dir, {} if ds else {"trainable": TrainableState(raw_model)},
-                             {} if ds else {"optimizer": optimizer}, keep=tc.keep_checkpoints, is_main_process=is_main,
-                             engines={"model": model} if ds else None, rank=rank, world_size=world,
-                             local_rank=accelerator.local_process_index, barrier=accelerator.wait_for_everyone)
-
-    state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "examples": 0, "image_tokens": 0, "skipped": 0}
-    if tc.resume and (tc.resume != "auto" or ckpt.latest() is not None):
-        state = ckpt.load(None if tc.resume == "auto" else tc.resume)
-        if is_main:
-            print(f"resumed from {tc.resume if tc.resume != 'auto' else ckpt.latest()} at step {state['step']}")
-    sampler.set_position(state["epoch"], state["batch"])
-    collator.set_epoch(state["epoch"])
-
-    global_batch = tc.batch_size * tc.grad_accum * world
-    logger = RunLogger(out_dir, enabled=is_main)
-    if is_main:
-        lengths = "from the token cache" if dc.tokens else collator.num_image_tokens
-        print(f"AdaTok VLM ({tc.finetune}, {dc.direction}): LM {type(vlm.language_model).__name__} "
-              f"{lm_parameters / 1e6:.1f}M, trainable {num_trainable / 1e6:.2f}M, "
-              f"{len(data)} examples, image lengths {lengths!r} of {vlm.config.max_image_tokens}, "
-              f"{describe_batch(tc.batch_size, tc.grad_accum, world)}, "
-              f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
-              + (f", DeepSpeed ZeRO-{zero_stage(accelerator)}" if ds else ""))
-
-    def save(step: int) -> Path | None:   # with several processes ckpt.save fences itself with barriers
-        return ckpt.save(step, state)
-
-    bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not is_main, desc=f"VLM {dc.direction}",
-               dynamic_ncols=True)
-    started = time.time() - state["elapsed_s"]
-    step_started = time.time()
-    last = {}
-    model.train()
-    done = state["step"] >= tc.max_steps
-    while not done:
-        for batch in loader:
-            step = state["step"]
-            state["batch"] += 1
-            state["skipped"] += batch["num_skipped"]
-            if any_rank(accelerator, batch["input_ids"].numel() == 0):   # every image unreadable (on some rank)
-                continue
-            inputs = {k: batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "labels",
-                                                                   "image_tokens", "image_lengths")}
-            elapsed = time.time() - started
-            progress = run_progress(step, elapsed, tc.max_steps, tc.time_budget_s)
-            lr = lr_at(progress, step, tc.lr, tc.warmup_steps, tc.lr_schedule, tc.min_lr_ratio)
-            set_lr(optimizer, lr)
-            with accelerator.accumulate(model), half_precision_autocast(accelerator):
-                out = model(**inputs)
-                stop_if_non_finite(accelerator, {"loss": out.loss}, step, save, close=(bar, logger))
-                grad_norm = optimizer_step(accelerator, out.loss, optimizer, params, tc.grad_clip)
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] = step = step + 1
-            state["examples"] += global_batch
-            state["image_tokens"] += int(batch["image_lengths"].sum()) * world
-            state["elapsed_s"] = elapsed = time.time() - started
-            bar.update(1)
-            last = {name: float(getattr(out, name).detach()) for name in ("loss", "text_loss", "image_loss",
-                                                                          "stop_loss")
-                    if getattr(out, name) is not None}
-            # the global batch's loss (a collective; its parts stay this rank's: a mixed-direction batch
-            # may lack text or images on one rank)
-            last.update(mean_over_ranks(accelerator, {"loss": last["loss"]}))
-            if step % tc.log_every == 0 or step == 1:
-                now = time.time()
-                values = {**last, "lr": lr, "step_time_s": (now - step_started) / (tc.log_every if step > 1 else 1),
-                          "mean_image_tokens": float(batch["image_lengths"].float().mean()),
-                          "seq_len": int(inputs["input_ids"].shape[1]), "skipped": state["skipped"]}
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                step_started = now
-                logger.log(step, values)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()} | {"s/step": f"{values['step_time_s']:.2f}"})
-            if tc.save_every and step % tc.save_every == 0:
-                save(step)
-            if step >= tc.max_steps or (tc.time_budget_s and elapsed >= tc.time_budget_s):
-                done = True
-                break
-        else:
-            state["epoch"] += 1
-            state["batch"] = 0
-            sampler.set_position(state["epoch"], 0)
-            collator.set_epoch(state["epoch"])
-    bar.close()
-    final_ckpt = save(state["step"])
-    summary = {"steps": state["step"], "wall_s": state["elapsed_s"], "losses": last,
-               "s_per_step": state["elapsed_s"] / max(1, state["step"]), "num_trainable": num_trainable,
-               "checkpoint": str(final_ckpt) if final_ckpt else None, "skipped": state["skipped"]}
-    export_model = whole_model(accelerator, model, cfg, final_ckpt) if tc.export else None   # collective
-    if tc.export and is_main:
-        summary.update(export(cfg, export_model, text_tokenizer, image_processor, class_names, state["step"], out_dir))
-        logger.log(state["step"], {"event": "export", **{k: v for k, v in summary.items() if k != "checkpoint"}})
-    accelerator.wait_for_everyone()
-    logger.close()
-    return summary
+    return run(cfg, VLMStage)
 
 
 def with_finetuning(vlm, cfg: VLMTrainingConfig):
@@ -443,36 +394,6 @@ def with_finetuning(vlm, cfg: VLMTrainingConfig):
     lc = cfg.lora
     return apply_lora(vlm, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
                       train_new_token_rows=lc.train_new_token_rows)
-
-
-def whole_model(accelerator, model, cfg: VLMTrainingConfig, checkpoint: Path | None):
-    """The trained model with whole weights on the main process (``None`` elsewhere); call on every rank.
-
-    Without ZeRO-3 and with fp32 weights the live module is exact. Under ZeRO-3 (sharded weights) or a
-    half-precision engine (rounded weights, fp32 masters in the optimizer) the main process rebuilds the
-    same model (``build_vlm`` + LoRA) and loads the consolidated weights: gathered from the ranks, or the
-    fp32 masters of the run's final checkpoint.
-    """
-    raw = accelerator.unwrap_model(model)
-    if not uses_deepspeed(accelerator) or (zero_stage(accelerator) != 3 and not half_precision_engine(accelerator)):
-        return raw if accelerator.is_main_process else None
-    if half_precision_engine(accelerator):
-        state = None
-        if accelerator.is_main_process:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="model")
-    else:
-        state = full_state_dict(accelerator, model)
-    if not accelerator.is_main_process:
-        return None
-    with torch.random.fork_rng(devices=[]):
-        rebuilt = with_finetuning(build_vlm(cfg)[0], cfg)
-    result = rebuilt.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"the consolidated VLM weights do not fit the rebuilt model: missing "
-                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-    return rebuilt.to(accelerator.device)
 
 
 def export(cfg: VLMTrainingConfig, raw_model, text_tokenizer, image_processor, class_names, steps: int,
@@ -488,8 +409,6 @@ def export(cfg: VLMTrainingConfig, raw_model, text_tokenizer, image_processor, c
     else:
         vlm = raw_model
     model_dir = out_dir / "model"
-    vlm.save_pretrained(model_dir)
-    AdaTokVLMProcessor(image_processor, text_tokenizer, adatok=None).save_pretrained(model_dir)
     dc = cfg.data
     info = {"t2i_template": dc.t2i_template, "i2t_template": dc.i2t_template,
             "add_bos": tokenizer_adds_bos(text_tokenizer) if dc.add_bos is None else dc.add_bos,
@@ -498,18 +417,17 @@ def export(cfg: VLMTrainingConfig, raw_model, text_tokenizer, image_processor, c
             "captions": class_captions(class_names, dc.class_caption) if class_names else None,
             "prompt_dropout": dc.prompt_dropout, "tokenizer": str(cfg.tokenizer), "steps": steps,
             "lm": asdict(cfg.lm), "finetune": cfg.train.finetune}
-    (model_dir / TRAINING_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    # The training info goes first: save_pretrained's model card reads it from the folder.
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / VLM_TRAINING_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    vlm.save_pretrained(model_dir)
+    AdaTokVLMProcessor(image_processor, text_tokenizer, adatok=None).save_pretrained(model_dir)
     paths["model_dir"] = str(model_dir)
     return paths
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_config(VLMTrainingConfig, argv)
-    summary = train(cfg)
-    if summary.get("model_dir"):
-        print(f"exported VLM: {summary['model_dir']}  ({summary['steps']} steps, "
-              f"{summary['s_per_step']:.2f} s/step, last losses {summary['losses']})")
-    return summary
+    return run_main(VLMTrainingConfig, train, argv, "VLM")
 
 
 if __name__ == "__main__":

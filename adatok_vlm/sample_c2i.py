@@ -2,7 +2,7 @@
 
     adatok sample-c2i --dit outputs/dit/model --tokenizer outputs/demo/model \
         --classes all --per-class 8 --cfg-scale 4.0 --num-steps 50 --seed 0 --out outputs/samples
-    accelerate launch -m adatok_vlm.generator.sample_c2i --dit ... --classes all --per-class 50 --out ...
+    accelerate launch -m adatok_vlm.sample_c2i --dit ... --classes all --per-class 50 --out ...
 
 For each requested class the DiT draws a token count from the class's training length histogram
 (``p(L | y)``, stored in its config), generates that many tokens with classifier-free guidance, and
@@ -19,12 +19,14 @@ the tokenizer decodes them. ``--out`` receives
 Under ``accelerate launch`` sample ``i`` goes to rank ``i % W`` (so every rank gets a balanced mix
 of classes) and rank ``r`` draws its noise and lengths from seed ``seed + 100003 * r``; the main
 process gathers the ranks' parts and writes the grid, the histogram and the .npz.
+
+An entry point (ARCHITECTURE.md): it draws with ``training.visualize`` and checks the tokenizer with
+``tokenizer.loading.model_fingerprint``; no library imports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -33,104 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from .generator.configuration_dit import class_names_from_config
+from .tokenizer.loading import model_fingerprint
+from .training.visualize import class_grid, length_histogram, to_uint8
 
 RANK_SEED_STRIDE = 100_003
-
-
-# ============================================================================================
-# helpers
-# ============================================================================================
-def model_fingerprint(path: str | Path) -> str:
-    """SHA-256 (16 hex digits) of a saved model's ``config.json`` and ``*.safetensors``: which weights.
-
-    A token cache records its tokenizer's fingerprint (``extract_tokens``), the DiT export copies it,
-    and sampling warns when ``--tokenizer`` names other weights.
-    """
-    path = Path(path)
-    digest = hashlib.sha256()
-    for file in [path / "config.json"] + sorted(path.glob("*.safetensors")):
-        if file.is_file():
-            digest.update(file.name.encode())
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def class_names_from_config(config) -> list[str] | None:
-    """Names from ``config.id2label`` when it names every class (not transformers' ``LABEL_i`` default)."""
-    id2label = getattr(config, "id2label", None) or {}
-    names = [id2label.get(i, id2label.get(str(i))) for i in range(config.num_classes)]
-    if any(n is None for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
-        return None
-    return [str(n) for n in names]
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float ``[B, 3, H, W]`` in [0, 1] -> uint8 NHWC ``[B, H, W, 3]``."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def class_grid(images: np.ndarray, labels, path: str | Path, class_names: list[str] | None = None,
-               max_classes: int = 16, max_per_class: int = 16, scale: int = 3, pad: int = 2) -> Path:
-    """One row per class (in order of first appearance), its images left to right, its name at the left.
-
-    ``images``: uint8 NHWC ``[N, H, W, 3]``; ``labels``: ``N`` class ids.
-    """
-    labels = [int(v) for v in labels]
-    rows: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        if y in rows or len(rows) < max_classes:
-            row = rows.setdefault(y, [])
-            if len(row) < max_per_class:
-                row.append(i)
-    h, w = images.shape[1] * scale, images.shape[2] * scale
-    names = {y: (class_names[y] if class_names and y < len(class_names) else f"class {y}") for y in rows}
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    font_w = int(max(measure.textlength(f"{y}: {n}") for y, n in names.items())) + 10
-    cols = max(len(r) for r in rows.values())
-    canvas = Image.new("RGB", (font_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (y, members) in enumerate(rows.items()):
-        top = pad + r * (h + pad)
-        draw.text((4, top + h // 2 - 5), f"{y}: {names[y]}", fill="black")
-        for c, i in enumerate(members):
-            tile = Image.fromarray(images[i]).resize((w, h), Image.NEAREST)
-            canvas.paste(tile, (font_w + pad + c * (w + pad), top))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
-
-
-def length_histogram(lengths, max_tokens: int, path: str | Path, reference=None,
-                     title: str = "generated token counts") -> Path:
-    """Bars: the generated lengths; line: ``reference`` counts ``[max_tokens]`` (the training histogram)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lengths = np.asarray(lengths)
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    bins = np.arange(1, max_tokens + 2)
-    ax.hist(lengths, bins=bins, density=True, color="tab:green", edgecolor="white", align="left", label="generated")
-    if reference is not None:
-        ref = np.asarray(reference, dtype=np.float64)
-        if ref.sum() > 0:
-            ax.step(np.arange(1, max_tokens + 1), ref / ref.sum(), where="mid", color="black", linewidth=1.5,
-                    label="training data")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("fraction of images")
-    ax.set_title(f"{title} (mean {lengths.mean():.1f})")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ============================================================================================
@@ -177,9 +88,9 @@ def _init_state():
 
 def sample(args: argparse.Namespace) -> dict:
     """Run the sampling described by the parsed command line; returns the summary (on every rank)."""
-    from ..tokenizer import AdaTokModel
-    from .modeling_dit import AdaTokDiT
-    from .pipeline import ClassToImagePipeline
+    from .generator.modeling_dit import AdaTokDiT
+    from .generator.pipeline import ClassToImagePipeline
+    from .tokenizer import AdaTokModel
 
     state = _init_state()
     rank, world = state.process_index, state.num_processes
@@ -264,7 +175,8 @@ def sample(args: argparse.Namespace) -> dict:
         reference = None
         if dit.config.length_histograms is not None:
             reference = np.asarray(dit.config.length_histograms, dtype=np.float64)[classes].sum(0)
-        length_histogram(all_lengths, dit.config.max_tokens, out / "lengths_hist.png", reference)
+        length_histogram(all_lengths, dit.config.max_tokens, out / "lengths_hist.png",
+                         f"generated token counts (mean {all_lengths.mean():.1f})", reference=reference)
         by_class = {}
         for c in classes:
             sel = all_lengths[labels == c]

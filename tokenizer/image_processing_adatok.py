@@ -23,6 +23,10 @@ Pipeline, per image:
      it, ``crop="random"`` places it at a random offset inside the canvas (translation jitter).
 3. **Flip** horizontally with probability 1/2 when ``do_flip`` (training augmentation).
 
+A PIL image is decoded first and turned upright by its EXIF orientation tag (``ImageOps.exif_transpose``:
+a phone photo stored sideways comes out as a viewer shows it); a truncated or damaged file is a
+``ValueError`` naming ``images[i]`` and PIL's cause.
+
 Random choices use ``generator`` (a ``torch.Generator``) or ``seed`` when given, so they are
 reproducible; otherwise torch's global generator, which a seeded ``DataLoader`` seeds per worker.
 """
@@ -34,12 +38,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import TensorType
 
-__all__ = ["AdaTokImageProcessor", "AdaTokImageProcessorKwargs"]
+__all__ = ["AdaTokImageProcessor", "AdaTokImageProcessorKwargs", "decode_upright"]
 
 RESIZE_MODES = ("shortest_edge", "pad")
 CROP_MODES = ("center", "random")
@@ -189,10 +193,30 @@ def _pil_to_float(image: Image.Image, where: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def decode_upright(image: Image.Image, where: str) -> Image.Image:
+    """Decode a (lazily opened) PIL image and apply its EXIF orientation.
+
+    A truncated or damaged file fails here, as a ``ValueError`` naming ``where`` and PIL's cause,
+    not as PIL's bare ``OSError: image file is truncated`` from deep inside the conversion. A camera
+    photo stored sideways with an EXIF orientation tag is turned upright (``ImageOps.exif_transpose``),
+    as every image viewer shows it. Public so that the training data path turns its images the same way.
+    """
+    try:
+        image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)
+    except Exception as err:  # PIL raises OSError, SyntaxError, EOFError, ValueError ... for bad data
+        raise ValueError(
+            f"{where}: the image data cannot be decoded ({type(err).__name__}: {err}); the file is truncated or "
+            f"damaged, re-save or re-copy it"
+        ) from None
+    return image
+
+
 def _to_float_rgb(image: Any, where: str) -> np.ndarray:
     """One image (PIL, numpy HW/HWC, torch HW/CHW) -> float32 [H, W, 3] in [0, 1]."""
     if isinstance(image, Image.Image):
-        array = _pil_to_float(image, where)
+        array = _pil_to_float(decode_upright(image, where), where)
     elif isinstance(image, np.ndarray):
         if image.ndim not in (2, 3):
             raise ValueError(f"{where}: expected a numpy image of shape [H, W] or [H, W, C], got shape {image.shape}")
@@ -444,6 +468,23 @@ class AdaTokImageProcessor(BaseImageProcessor):
                 raise TypeError(f"seed: expected an int, got {type(seed).__name__} {seed!r}")
             generator = torch.Generator().manual_seed(int(seed))
         return generator
+
+    # -- saving ------------------------------------------------------------------------------
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoImageProcessor"):
+        """No-op. transformers calls it after a ``trust_remote_code`` load so that saving copies the class's
+        source file; ours lives in the installed package and :meth:`save_pretrained` writes the ``auto_map``."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``preprocessor_config.json`` plus the ``auto_map`` (and ``adatok_vlm_hub.py``) that let
+        ``AutoImageProcessor`` load the folder without ``import adatok_vlm`` (with ``trust_remote_code=True``;
+        without it transformers then asks for that flag instead of claiming the folder lacks an
+        ``image_processor_type`` key). ``push_to_hub=True`` pushes all of it."""
+        from .model_card import save_for_hub
+
+        return save_for_hub(self, super().save_pretrained, save_directory, args, kwargs,
+                            {"AutoImageProcessor": "AdaTokImageProcessor"}, json_files=("preprocessor_config.json",))
 
     # -- postprocessing ----------------------------------------------------------------------
 
