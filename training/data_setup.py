@@ -110,19 +110,21 @@ def require_map_style(dataset, data: DataConfig, what: str):
     return dataset
 
 
-def build_train_data(cfg, model_config, allow_stream: bool = False, what: str = "this trainer"):
+def build_train_data(cfg, model_config, allow_stream: bool = False, what: str = "this trainer", train: bool = True):
     """``(data set, collate)`` of the training split for any run config with a ``data``
     (:class:`DataConfig`) and a ``train.seed`` section: preloaded when the decoded split fits
     ``data.preload_max_gb`` (``data_sources.decide_preload``), else decoded per item in loader workers.
     A stream is a :class:`StreamData` (read through :class:`StreamEpochs`) when ``allow_stream``, else the
-    ``ValueError`` of :func:`require_map_style` naming ``what``."""
+    ``ValueError`` of :func:`require_map_style` naming ``what``. ``train=False`` reads the training split
+    through the deterministic evaluation processor (no random crop or flip), e.g. for a reward table."""
     import datasets
 
     from .data_sources import decide_preload
 
     data = cfg.data
     dataset = load_split(data, data.train_split, cfg.train.seed, limit=data.limit)
-    transform = build_train_transform(model_config, data, cfg.train.seed)
+    transform = build_train_transform(model_config, data, cfg.train.seed) if train else \
+        build_image_processor(model_config, data, train=False)
     if isinstance(dataset, datasets.IterableDataset):
         if not allow_stream:
             require_map_style(dataset, data, what)
@@ -133,7 +135,7 @@ def build_train_data(cfg, model_config, allow_stream: bool = False, what: str = 
         from .data import collate_images
 
         return StreamData(dataset, transform), collate_images
-    natural = data.transforms == "natural"
+    natural = train and data.transforms == "natural"
     if decide_preload(len(dataset), model_config.image_size, preload=data.preload, preload_max_gb=data.preload_max_gb,
                       channels=getattr(model_config, "num_channels", 3), random_transform=natural):
         return preload_images(dataset, transform), collate_preloaded

@@ -39,7 +39,7 @@ from ..tokenizer import AdaTokModel
 from ..tokenizer.policy import lengths_to_indices
 from ..tokenizer.rewards import entropy_weight, reinforce_loss, relative_advantage
 from .batches import ResumableBatchSampler
-from .data_setup import DataConfig, build_image_processor, build_train_data, epoch_batches, require_map_style
+from .data_setup import DataConfig, build_image_processor, build_train_data, epoch_batches
 from .distributed import assert_replicas_match, fill_bucket_sizes, half_precision_autocast, mean_over_ranks
 from .evaluation import mse_per_image
 from .loop import LoopConfig, Stage, main as run_main, rank_seed, run
@@ -289,18 +289,8 @@ def _measurement_data(cfg: PolicyTrainingConfig, model_config):
     """``(data set, collate, processor)`` of the training split through the deterministic evaluation
     transform (no random crop or flip): the images a table measures, the same on every run, so the
     table's rows, its policy features and the held-out losses that calibrate the dial repeat."""
-    from .batches import collate_preloaded, preload_images
-    from .data import ImageTransformDataset, collate_images
-    from .data_setup import load_split
-    from .data_sources import decide_preload
-
-    dataset = require_map_style(load_split(cfg.data, cfg.data.train_split, cfg.train.seed, limit=cfg.data.limit),
-                                cfg.data, "stage 2's reward table (train_policy)")
-    processor = build_image_processor(model_config, cfg.data, train=False)
-    if decide_preload(len(dataset), model_config.image_size, preload=cfg.data.preload,
-                      preload_max_gb=cfg.data.preload_max_gb, channels=getattr(model_config, "num_channels", 3)):
-        return preload_images(dataset, processor), collate_preloaded, processor
-    return ImageTransformDataset(dataset, processor), collate_images, processor
+    data, collate = build_train_data(cfg, model_config, what="stage 2's reward table (train_policy)", train=False)
+    return data, collate, build_image_processor(model_config, cfg.data, train=False)
 
 
 def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, accelerator):
