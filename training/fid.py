@@ -460,7 +460,9 @@ def to_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     if images.dtype != torch.uint8:
         if not images.is_floating_point():
             raise TypeError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
-        images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        from .visualize import to_uint8   # the one float -> uint8 rounding (imported here: it loads matplotlib)
+
+        return to_uint8(images)
     return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
