@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import resource
 import signal
 import socket
@@ -196,7 +197,9 @@ def test_a_damaged_checkpoint_is_skipped_and_an_explicit_load_names_the_file(two
         assert isinstance(info.value, FileNotFoundError)
 
 
-@pytest.mark.parametrize("pointer", [os.urandom(64), b"\xff\xfe\x00garbage", b"../../etc", b"step-00000009\n", b""])
+@pytest.mark.parametrize("pointer", [random.Random(0).randbytes(64), b"\xff\xfe\x00garbage", b"../../etc",
+                                     b"step-00000009\n", b""],
+                         ids=["random-bytes", "utf16-bom", "dotdot", "old-name", "empty"])
 def test_a_garbage_latest_pointer_falls_back_to_the_newest_good_checkpoint(two_checkpoints, pointer):
     out, saved = two_checkpoints
     (out / "checkpoints" / "latest").write_bytes(pointer)

@@ -263,3 +263,37 @@ def test_training_skips_a_batch_whose_every_image_is_unreadable(tmp_path):
     assert summary["steps"] == 6
     state = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())
     assert state["skipped_images"] >= 1 and state["step"] == 6
+
+
+# ============================================================================================
+# the output folder is claimed before anything is built
+# ============================================================================================
+def test_the_output_folder_is_claimed_before_the_stage_is_built(tmp_path, cache, monkeypatch):
+    """A run into a folder another run holds, or into a finished run's folder without ``--resume``, stops
+    before its stage computes anything (stage 2 measures a whole reward table in its constructor)."""
+    from adatok_vlm.training import train_tokenizer
+    from adatok_vlm.training.checkpointing import (LOCK_FILE, OutputDirLock, OutputDirLockedError,
+                                                   OutputDirNotEmptyError)
+
+    built = []
+    real_init = train_tokenizer.TokenizerStage.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built.append((tmp_path / "run" / LOCK_FILE).is_file())   # is the run's lock already taken?
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_tokenizer.TokenizerStage, "__init__", recording_init)
+    holder = OutputDirLock(tmp_path / "run")
+    holder.acquire()
+    try:
+        with pytest.raises(OutputDirLockedError):
+            train(config(tmp_path / "run", max_steps=2, save_every=0))
+    finally:
+        holder.release()
+    assert built == [], "the stage was built before the folder was claimed"
+
+    train(config(tmp_path / "run", max_steps=2, save_every=0))
+    assert built == [True], "the stage was built before the lock was taken"
+    with pytest.raises(OutputDirNotEmptyError):
+        train(config(tmp_path / "run", max_steps=2, save_every=0))
+    assert len(built) == 1, "a refused fresh run built nothing"

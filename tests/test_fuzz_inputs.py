@@ -808,6 +808,166 @@ def test_fuzz_vlm_generate_images(data):
 
 
 # ============================================================================================
+# the trainers' config loading (YAML file + command-line overrides -> each trainer's config)
+# ============================================================================================
+def trainer_configs() -> dict:
+    from adatok_vlm.training import train_dit, train_policy, train_tokenizer, train_vlm
+
+    return {"tokenizer": train_tokenizer.TokenizerTrainingConfig, "policy": train_policy.PolicyTrainingConfig,
+            "dit": train_dit.DiTTrainingConfig, "vlm": train_vlm.VLMTrainingConfig}
+
+
+def config_fields(cls, prefix: str = "") -> list[tuple[str, object]]:
+    """Every ``section.field`` of a trainer's config with its type hint (nested dataclasses walked)."""
+    import dataclasses
+    import typing
+
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += config_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, hints[f.name]))
+    return out
+
+
+# The tokenizer's free-form model section: AdaTokConfig fields a YAML file sets.
+MODEL_FIELDS = ("hidden_size", "num_latent_tokens", "image_size", "patch_size", "num_encoder_layers",
+                "fsq_levels", "ntm_min_tokens", "mlp_ratio", "token_dim")
+GARBAGE = ("abc", "", "3e-4", "1e999", "-1", "0", "1", "2.5", "true", "null", float("nan"), float("inf"), -float("inf"),
+           10**30, -(10**30), 10**400, 0, -1, 1, 7, 0.5, -0.25, 1e300, True, False, None, [], [0.9], [0.9, 0.99],
+           [1, "x"], {}, {"x": [None, {"y": "z"}]}, [[1]], "[8, 5, 5]", "{a: 1}", "!!binary aGk=", "2020-01-01")
+SCALARS = (int, float, bool, str)
+
+
+def _scalar_kinds(hint) -> set:
+    """The types a field's hint allows, ``None`` left out (``int | None`` -> ``{int}``)."""
+    import types
+    import typing
+
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return {a for a in (typing.get_args(hint) if union else (hint,)) if a is not type(None)}
+
+
+def surely_invalid(hint, value) -> bool:
+    """A value no field of this type accepts (the oracle's must-raise cases; everything else may go either way)."""
+    kinds = _scalar_kinds(hint)
+    if not kinds <= set(SCALARS):          # lists, dicts, Any: left to the field's own checks
+        return False
+    if isinstance(value, (dict, list)):
+        return True
+    if isinstance(value, float) and not np.isfinite(value) and kinds & {int, float} and str not in kinds:
+        return True
+    if isinstance(value, int) and abs(value) > 10**300 and float in kinds and kinds <= {int, float} \
+            and int not in kinds:
+        return True
+    if value is None:
+        return False                       # may be a default-able null; the dataclass says
+    if isinstance(value, bool):
+        return bool(kinds) and bool not in kinds and str not in kinds
+    if isinstance(value, str) and str not in kinds:
+        try:
+            float(value)
+        except ValueError:
+            return True
+    return False
+
+
+def as_yaml(value) -> str:
+    """A value as the YAML text a command line or a file would hold (``.nan``, ``{x: [null]}``...)."""
+    import yaml
+
+    if isinstance(value, str):
+        return value
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6)
+    return text[:-5] if text.endswith("\n...\n") else text.strip()
+
+
+@fuzz(150)
+@given(data=st.data())
+def test_fuzz_trainer_config(data, tmp_path_factory):
+    """Each trainer's config (``parse_config``: a YAML file, then ``--section.field VALUE`` overrides; the
+    tokenizer's model section built into an ``AdaTokConfig`` too) from randomized settings: wrong types, out of
+    range, unknown and misspelt keys, nested garbage, huge numbers, NaN/inf, empty strings, lists where scalars
+    go, a section given a scalar, broken YAML. Each case builds or raises ValueError/TypeError naming the field."""
+    import yaml
+
+    from adatok_vlm.training.config import build_model_config, parse_config
+
+    trainer = data.draw(st.sampled_from(sorted(trainer_configs())), label="trainer")
+    cls = trainer_configs()[trainer]
+    fields = config_fields(cls)
+    flags, file_values, names, verdicts = [], {}, [], {}   # verdicts: key -> (on the command line, valid?)
+    for _ in range(data.draw(st.integers(0, 3), label="mutations")):
+        kind = data.draw(st.sampled_from(("value", "value", "value", "model", "misspelt", "unknown section",
+                                          "scalar section", "broken yaml")), label="kind")
+        where = data.draw(st.sampled_from(("cli", "file")), label="where")
+        if kind in ("value", "model"):
+            if kind == "model":
+                if trainer != "tokenizer":
+                    continue
+                key, hint = "model." + data.draw(st.sampled_from(MODEL_FIELDS)), None
+            else:
+                key, hint = data.draw(st.sampled_from(fields), label="field")
+            value = data.draw(st.sampled_from(GARBAGE), label="value")
+        elif kind == "misspelt":
+            key, _ = data.draw(st.sampled_from(fields), label="field")
+            section, _, leaf = key.rpartition(".")
+            cut = data.draw(st.integers(0, len(leaf) - 1))
+            leaf = leaf[:cut] + leaf[cut + 1:] + data.draw(st.sampled_from(("", "x", "_")))
+            key = f"{section}.{leaf}" if section else leaf
+            if key in {k for k, _ in fields} or (trainer in ("tokenizer", "dit", "policy") and section == "model") \
+                    or section in ("vlm", "lm.config"):
+                continue                   # free-form sections, or the cut made another real field
+            value, valid = 1, False
+        elif kind == "unknown section":
+            key, value, valid = data.draw(st.sampled_from(("bogus.lr", "trian.lr", "Train.lr", "x"))), 1, False
+        elif kind == "scalar section":
+            key = data.draw(st.sampled_from(sorted({k.split(".")[0] for k, _ in fields if "." in k})))
+            value, valid = data.draw(st.sampled_from((5, "abc", [1, 2], None, float("nan")))), False
+            if value is None:
+                valid = None               # a null section: the dataclass default, or an error naming it
+        else:
+            key, value, valid, where = "train.betas", "[0.9, 0.99", False, "cli"
+        cli = True
+        names.append(key.split(".")[0] if kind in ("unknown section", "scalar section") else key.split(".")[-1])
+        node = None
+        if where == "file" and kind != "broken yaml":
+            node = file_values
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else None
+                if node is None:
+                    break
+            if node is not None and isinstance(node.get(leaf), dict):
+                node = None
+        if node is not None:
+            node[leaf], cli = value, False               # the file holds the value itself
+        else:
+            flags += [f"--{key}", as_yaml(value)]       # the command line's text, read as YAML
+            value = yaml.safe_load(as_yaml(value)) if value != "" and kind != "broken yaml" else value
+        if kind in ("value", "model"):
+            valid = False if hint is not None and surely_invalid(hint, value) else None
+        if cli or not verdicts.get(key, (False, None))[0]:
+            verdicts[key] = (cli, valid)                # the command line wins over the file; the last flag wins
+    outcomes = {v for _, v in verdicts.values()}
+    valid = False if False in outcomes else None if None in outcomes else True
+    if file_values:
+        path = tmp_path_factory.mktemp("fuzz_config") / "config.yaml"
+        path.write_text(yaml.safe_dump(file_values, allow_unicode=True))
+        flags = ["--config", str(path), *flags]
+
+    def build():
+        cfg, _ = parse_config(cls, flags)
+        if trainer == "tokenizer":
+            build_model_config(cfg.model)
+        return cfg
+
+    expect("trainer configs (parse_config)", build, tuple(names), valid,
+           lambda cfg: isinstance(cfg, cls))
+
+
+# ============================================================================================
 # the counts
 # ============================================================================================
 def test_zz_case_counts(tmp_path_factory, capsys):

@@ -276,6 +276,17 @@ class CheckpointManager:
         self._host = socket.gethostname()
         self._verified: dict[Path, tuple] = {}      # folder -> file stats when it last verified
 
+    def attach(self, modules: dict[str, Any], optimizers: dict[str, torch.optim.Optimizer], *,
+               engines: dict[str, Any] | None = None, pretrained: dict[str, Callable[[Path], None]] | None = None,
+               model_config: Mapping | None = None) -> "CheckpointManager":
+        """Register what the checkpoints hold (as the constructor's arguments of those names), for a run that
+        claims its output folder before it builds anything: ``CheckpointManager(out, {}, {}, ...).claim(...)``,
+        then the model, then ``attach``. Returns self."""
+        self.modules, self.optimizers = dict(modules), dict(optimizers)
+        self.engines, self.pretrained = dict(engines or {}), dict(pretrained or {})
+        self.model_config = _jsonable_config(model_config)
+        return self
+
     @property
     def collective(self) -> bool:
         """Whether every rank takes part in save/load (sharded engines or per-rank RNG states)."""

@@ -15,6 +15,7 @@ The project's own config files (``configs/``) ship inside the package as ``adato
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -51,13 +52,20 @@ def configs_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 # YAML with inheritance
 # ---------------------------------------------------------------------------------------------
-def deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict, where: str = "") -> dict:
+    """``override`` over ``base``, nested mappings merged. A mapping on one side and a value (not null) on the
+    other is a ``ValueError`` naming the key: ``train: 5`` in a file is not silently replaced by ``--train.lr``."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = deep_merge(old, value, f"{where}{key}.")
+            continue
+        if old is not None and value is not None and isinstance(value, dict) != isinstance(old, dict):
+            mapping, other = (value, old) if isinstance(value, dict) else (old, value)
+            raise ValueError(f"{where}{key} is given both as a mapping ({sorted(map(str, mapping))[:5]}) and as "
+                             f"the value {other!r}; a section holds fields, a field holds one value")
+        out[key] = value
     return out
 
 
@@ -68,8 +76,13 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise ValueError(f"config {path} includes itself through 'base:'")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"config {path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config {path} is not UTF-8 text ({error})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must hold a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -102,9 +115,18 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
         key = SHORT_FLAGS.get(key, key)   # a key without a dot sets a top-level field (e.g. --tokenizer)
         node = overrides
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
+            if not isinstance(node, dict):
+                raise ValueError(f"--{key}: --{'.'.join(parents[:depth + 1])} was given a value ({node!r}) and "
+                                 "cannot also hold fields")
+        if isinstance(node.get(leaf), dict) and node[leaf]:
+            raise ValueError(f"--{key}: its fields were given already (--{key}.{next(iter(node[leaf]))} ...); a "
+                             "section cannot also be set to one value")
+        try:
+            node[leaf] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as error:
+            raise ValueError(f"--{key}: the value {value!r} is not valid YAML ({error})") from None
     return config_path, overrides
 
 
@@ -149,7 +171,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:                       # an int beyond float's range (10**400)
+            raise ValueError(f"{where} must be a finite number, got an integer of {len(str(value))} digits") from None
+        if not math.isfinite(value):                # NaN never compares, inf is no setting: neither is meant
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        return value
     if hint is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise TypeError(f"{where} must be an integer, got {value!r}")
@@ -169,6 +197,9 @@ def fill_dataclass(cls, values: dict, where: str = "config"):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and ill-typed values."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    odd = [key for key in values if not isinstance(key, str)]
+    if odd:
+        raise TypeError(f"{where}: field names must be strings, got {odd[0]!r} ({type(odd[0]).__name__})")
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown field(s) {unknown} in {where}; known: {sorted(names)}")
@@ -183,6 +214,9 @@ def check_fields(config_cls, section: dict, where: str = "model", extra: tuple[s
     import difflib
 
     known = {f.name for f in dataclasses.fields(config_cls)} | set(extra)
+    odd = [key for key in section if not isinstance(key, str)]
+    if odd:
+        raise TypeError(f"{where}: field names must be strings, got {odd[0]!r} ({type(odd[0]).__name__})")
     unknown = sorted(set(section) - known)
     if unknown:
         hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
@@ -198,10 +232,18 @@ def build_model_config(section: dict):
     """
     from ..tokenizer import AdaTokConfig
 
+    if not isinstance(section, dict):
+        raise TypeError(f"model must be a mapping of AdaTokConfig fields, got {section!r}")
     check_fields(AdaTokConfig, section)
     section = dict(section)
     preset = section.pop("preset", None)
-    return AdaTokConfig.from_preset(preset, **section) if preset else AdaTokConfig(**section)
+    try:
+        return AdaTokConfig.from_preset(preset, **section) if preset else AdaTokConfig(**section)
+    except (ValueError, TypeError) as error:
+        if any(name in str(error) for name in [*section, "preset"]):
+            raise
+        # an error from deeper inside (int('abc') of a list field): say which of the given fields it could be
+        raise type(error)(f"model: the fields {sorted(section)} do not make an AdaTokConfig: {error}") from error
 
 
 def parse_config(cls, argv: list[str] | None = None, default_config: str | None = None):

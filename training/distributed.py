@@ -17,6 +17,8 @@ a full copy of the model on the main process":
 * ``assert_replicas_match`` checks that every rank built the same initial weights (init seeds match;
   data seeds are offset per rank by the trainers).
 * ``mean_over_ranks`` averages logged values, so a logged loss is the global batch's loss.
+* ``set_collective_timeout`` bounds every collective (``train.collective_timeout_s``); ``peer_lost`` turns
+  the error of a collective whose peer died or hung into ``PeerProcessLostError``, naming the cause.
 """
 
 from __future__ import annotations
@@ -204,6 +206,68 @@ def any_rank(accelerator, flag: bool) -> bool:
         return bool(flag)
     value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return float(accelerator.reduce(value, reduction="sum")) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# a rank that dies or hangs
+# ---------------------------------------------------------------------------------------------
+class PeerProcessLostError(RuntimeError):
+    """A collective failed: another process of the run died (SIGKILL, out of memory, a lost node), hung past
+    ``train.collective_timeout_s`` or cannot be reached. Raised on each surviving rank by ``loop.run``."""
+
+
+# What a failed collective's error says (gloo's and NCCL's transports, c10d's process group and store).
+COLLECTIVE_FAILURE_SIGNS = ("gloo", "NCCL", "ProcessGroup", "c10d", "Connection reset by peer",
+                            "Connection closed by peer", "Broken pipe")
+
+
+def set_collective_timeout(accelerator, seconds: float) -> None:
+    """Bound every collective of this run to ``seconds``: the default process group and every group made so far
+    (DeepSpeed clones the world group for its reductions, and a new group starts from torch's 30-minute default
+    whatever the default group was given). A no-op with one process. Call again after an engine is built."""
+    if accelerator.num_processes == 1:
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout   # torch < 2.10
+    groups = list(getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None) or [None])
+    for group in groups:
+        try:
+            setter(datetime.timedelta(seconds=float(seconds)), group)
+        except (ValueError, RuntimeError):   # a group this rank is not in; a backend that keeps its timeout
+            pass
+
+
+def is_collective_failure(error: BaseException | None) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a failed collective rather than a bug of this rank."""
+    import torch.distributed as dist
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, dist.DistError):
+            return True
+        if isinstance(error, RuntimeError) and any(sign in str(error) for sign in COLLECTIVE_FAILURE_SIGNS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def peer_lost(accelerator, error: BaseException, timeout_s: float, output_dir) -> PeerProcessLostError | None:
+    """The clear error for a rank whose collective failed because of another rank (``None`` for any other error,
+    and with one process): it names the cause, the timeout and how to continue."""
+    if accelerator.num_processes == 1 or isinstance(error, PeerProcessLostError) or not is_collective_failure(error):
+        return None
+    first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return PeerProcessLostError(
+        f"rank {accelerator.process_index} of {accelerator.num_processes} stops: another process of this run died, "
+        f"hung for more than train.collective_timeout_s = {timeout_s:g} s, or cannot be reached (a collective "
+        f"failed: {first_line[:300]}). Restart every process with --train.resume auto: the run continues from the "
+        f"newest complete checkpoint in {output_dir}/checkpoints")
 
 
 def stop_if_non_finite(accelerator, values: dict, step: int, save: Callable[[int], Path | None],

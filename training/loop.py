@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +35,8 @@ from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager
 from .config import parse_config
-from .distributed import (any_rank, describe_batch, final_model, half_precision_autocast, stop_if_non_finite,
-                          uses_deepspeed, zero_stage)
+from .distributed import (PeerProcessLostError, any_rank, describe_batch, final_model, half_precision_autocast,
+                          peer_lost, set_collective_timeout, stop_if_non_finite, uses_deepspeed, zero_stage)
 from .engine import RunLogger, configure_threads, lr_at, optimizer_step, run_progress, set_lr
 from .launch import make_accelerator
 
@@ -71,6 +73,9 @@ class LoopConfig:
     overwrite: bool = False                  # allow a fresh run into an output_dir that holds another run's checkpoints
     export: bool = True                      # save_pretrained the final model to <output_dir>/model
     deepspeed: str | None = None             # DeepSpeed JSON (configs/deepspeed/zero2.json) or its name ("zero3")
+    # With several processes: how long any collective waits for the other ranks before this rank stops with
+    # PeerProcessLostError (a rank that dies is noticed at once over gloo; this bounds a hung or unreachable one)
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str) -> None:
@@ -93,6 +98,8 @@ class LoopConfig:
         need(self.log_every >= 1, "log_every", ">= 1")
         need(self.save_every >= 0, "save_every", ">= 0")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
+        need(math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0, "collective_timeout_s",
+             "a finite number of seconds > 0")
 
 
 # =============================================================================================
@@ -204,8 +211,18 @@ def expected_steps(step: int, elapsed: float, max_steps: int, time_budget_s: flo
     return max(step, min(max_steps, round(step * time_budget_s / elapsed)))
 
 
-def checkpoint_manager(stage: Stage, accelerator, out_dir: Path, keep: int) -> CheckpointManager:
-    """The run's one CheckpointManager (see :class:`Stage` for what it holds)."""
+def checkpoint_manager(accelerator, out_dir: Path, keep: int) -> CheckpointManager:
+    """The run's one CheckpointManager, before the stage exists: it claims the output folder first, so
+    nothing is built, measured or written there before the lock is held and a previous run is refused
+    or removed. :func:`attach_stage` then registers what its checkpoints hold."""
+    return CheckpointManager(out_dir, {}, {}, keep=keep, is_main_process=accelerator.is_main_process,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             local_rank=accelerator.local_process_index, barrier=accelerator.wait_for_everyone,
+                             any_rank=lambda flag: any_rank(accelerator, flag))
+
+
+def attach_stage(ckpt: CheckpointManager, stage: Stage, accelerator) -> CheckpointManager:
+    """Register the built ``stage``'s pieces with the run's manager (see :class:`Stage` for what it holds)."""
     modules, optimizers = dict(stage.replicated or {}), dict(stage.replicated_optimizers or {})
     engines = pretrained = None
     if uses_deepspeed(accelerator):
@@ -214,11 +231,8 @@ def checkpoint_manager(stage: Stage, accelerator, out_dir: Path, keep: int) -> C
     else:
         name, weights = stage.weights()
         modules, optimizers = {name: weights, **modules}, {"optimizer": stage.optimizer, **optimizers}
-    return CheckpointManager(out_dir, modules, optimizers, keep=keep, is_main_process=accelerator.is_main_process,
-                             engines=engines, pretrained=pretrained, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, local_rank=accelerator.local_process_index,
-                             barrier=accelerator.wait_for_everyone, model_config=architecture(stage.model),
-                             any_rank=lambda flag: any_rank(accelerator, flag))
+    return ckpt.attach(modules, optimizers, engines=engines, pretrained=pretrained,
+                       model_config=architecture(stage.model))
 
 
 # Config entries that say where things are or how they are labelled, not what the weights are: a
@@ -244,16 +258,30 @@ def run(cfg, stage_cls: type[Stage]) -> dict:
     Raises :class:`~.engine.NonFiniteLossError` on NaN/inf (after saving) and
     :class:`TrainingInterrupted` on Ctrl-C (after saving the last completed step; a half-accumulated
     step is redone on resume; with several processes each rank gets the launcher's signal and the
-    save is collective, as every save is)."""
+    save is collective, as every save is).
+
+    The output folder is claimed (lock, refusal to mix with another run, ``overwrite``) before the stage is
+    built, so nothing is measured or written there first (stage 2's reward table). With several processes
+    every collective is bounded by ``train.collective_timeout_s``, and a rank whose peer died or hung raises
+    :class:`~.distributed.PeerProcessLostError` naming the cause."""
     tc: LoopConfig = cfg.train
     configure_threads(tc.num_threads)
     accelerator = make_accelerator(tc.mixed_precision, tc.grad_accum, deepspeed=tc.deepspeed,
                                    micro_batch_size=tc.batch_size, grad_clip=tc.grad_clip)
-    torch.manual_seed(tc.seed)                                   # the same init on every rank
-    stage = stage_cls(cfg, accelerator)
-    ckpt = checkpoint_manager(stage, accelerator, Path(tc.output_dir), tc.keep_checkpoints)
-    with ckpt.claim(resume=tc.resume, overwrite=tc.overwrite):   # the lock; a fresh run never mixes with another
-        return _train(cfg, accelerator, stage, ckpt)
+    set_collective_timeout(accelerator, tc.collective_timeout_s)
+    ckpt = checkpoint_manager(accelerator, Path(tc.output_dir), tc.keep_checkpoints)
+    try:
+        with ckpt.claim(resume=tc.resume, overwrite=tc.overwrite):   # the lock, before anything is built or written
+            torch.manual_seed(tc.seed)                               # the same init on every rank
+            stage = stage_cls(cfg, accelerator)
+            set_collective_timeout(accelerator, tc.collective_timeout_s)   # and the groups the engine made
+            attach_stage(ckpt, stage, accelerator)
+            return _train(cfg, accelerator, stage, ckpt)
+    except Exception as error:
+        lost = peer_lost(accelerator, error, tc.collective_timeout_s, tc.output_dir)
+        if lost is None:
+            raise
+        raise lost from error
 
 
 def _train(cfg, accelerator, stage: Stage, ckpt: CheckpointManager) -> dict:
@@ -398,7 +426,9 @@ def _log(logger: RunLogger, bar, stage: Stage, values: dict, state: dict, last: 
 
 def main(config_cls, train, argv: list[str] | None, what: str) -> dict:
     """A trainer's command line: parse ``config_cls``, ``train`` it, print where ``what`` was exported.
-    Ctrl-C prints one line and exits with status 130 (the checkpoint it saved resumes with ``--resume auto``)."""
+    Ctrl-C prints one line and exits with status 130 (the checkpoint it saved resumes with ``--resume auto``);
+    a rank whose peer died or hung (:class:`~.distributed.PeerProcessLostError`) prints one line naming the cause
+    and exits with status 1."""
     cfg, _ = parse_config(config_cls, argv)
     try:
         summary = train(cfg)
@@ -406,6 +436,9 @@ def main(config_cls, train, argv: list[str] | None, what: str) -> dict:
         if stop.is_main:
             print(stop)
         raise SystemExit(130) from None
+    except PeerProcessLostError as lost:
+        print(f"error: {lost}", file=sys.stderr, flush=True)   # every surviving rank says it: each may be alone
+        raise SystemExit(1) from None
     if summary.get("model_dir"):
         print(f"exported {what}: {summary['model_dir']}")
     return summary
