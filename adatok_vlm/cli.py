@@ -7,17 +7,19 @@
     adatok evaluate --model DIR --data SPEC --split test --lengths 1,2,4,auto --metrics rmse,psnr,ssim --out DIR
     adatok extract-tokens --tokenizer DIR --data.dataset fashion_mnist --output_dir DIR [--num_tokens auto]
     adatok train-dit --config configs/dit/dit-tiny.yaml --data.tokens DIR [overrides]
-    adatok sample-c2i --dit DIR --tokenizer DIR --classes all --per-class 8 --out DIR
-    adatok sample-c2i --generator ar --model VLM_DIR --classes all --per-class 8 --out DIR
+    adatok sample-c2i --dit DIR --tokenizer DIR --classes all --per_class 8 --out DIR
+    adatok sample-c2i --generator ar --model VLM_DIR --classes all --per_class 8 --out DIR
     adatok train-vlm --config configs/vlm/tiny.yaml [overrides]
-    adatok sample-t2i --model VLM_DIR --prompt "a sneaker" --num-images 8 --out DIR
+    adatok sample-t2i --model VLM_DIR --prompt "a sneaker" --num_images 8 --out DIR
     adatok export --checkpoint OUTPUT_DIR/checkpoints/step-N --out DIR   (consolidate a ZeRO checkpoint)
     adatok convert-vae --checkpoint vavae-imagenet256-f16d32-dinov2.pt --arch va-vae-f16d32 --out DIR
     adatok latent-stats --model.vae_path DIR --data.dataset /data/imagenet/train --limit 10000
     adatok cache-latents --model.vae_path DIR --data.dataset DIR --output_dir CACHE
+    adatok rehearse --output_dir outputs/rehearse --preset adatok-s --steps 3   (every stage, a few steps each)
 
 Each verb forwards its remaining arguments to the module that implements it; `adatok VERB --help`
-lists them. tests/test_readme.py parses every line above through its verb.
+lists them. Options are spelt with underscores (`--per_class`, `--output_dir`, `--train.lr`); the old
+hyphenated spellings work for one more release and print a deprecation line. tests/test_readme.py parses every line above through its verb.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ VERBS = {"demo": _forward("training.demo"), "train-tokenizer": _forward("trainin
          "sample-c2i": _sample_c2i, "train-vlm": _forward("training.train_vlm"),
          "sample-t2i": _forward("sample_t2i"), "export": _forward("training.export"),
          "evaluate": _forward("training.evaluate"), "cache-latents": _forward("training.cache_latents"),
-         "convert-vae": _forward("training.convert_vae"), "latent-stats": _latent_stats}
+         "convert-vae": _forward("training.convert_vae"), "latent-stats": _latent_stats,
+         "rehearse": _forward("training.rehearse")}
 
 
 def main(argv: list[str] | None = None) -> int:

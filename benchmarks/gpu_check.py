@@ -19,7 +19,9 @@ measured:
    bf16 autocast: images/s and peak memory, from pixels (the frozen VAE encoder runs) and from cached
    latents (``model(latents=...)``: no VAE encoder), each with NTM's random lengths and at the
    fixed full length (the fixed-length tokenizer's equivalent);
-5. ``encode_decode``: ``model.encode`` / ``model.decode`` images/s at the full length, with the VAE's share;
+5. ``encode_decode``: ``benchmarks/throughput.py``'s measurement: ``model.encode`` / ``model.decode`` / round
+   trip images/s at the full length, fp32 and bf16 autocast, with the VAE's share of each, and the decode at
+   m/8, m/2 and m kept tokens (its cost falls with the kept length);
 6. ``loss_run``: ``--steps`` (200) steps from cached latents of a fixed set of structured images; the loss
    must fall (mean of the last 20 below the mean of the first 20).
 
@@ -31,6 +33,7 @@ or not.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -68,37 +71,17 @@ def write_json(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def synchronize() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def cuda_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` synchronised calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def load_throughput():
+    """``benchmarks/throughput.py`` beside this file, as a module (whether this file runs as a script or is
+    loaded by path): the timing helpers and the encode/decode measurement both scripts share."""
+    path = Path(__file__).with_name("throughput.py")
+    spec = importlib.util.spec_from_file_location("adatok_benchmarks_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def structured_images(count: int, size: int, seed: int, device):
-    """``[count, 3, size, size]`` in [0, 1]: smooth random colour patterns (learnable, unlike noise)."""
-    import torch
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    freq = torch.rand(count, 3, 2, generator=g) * 6 + 1
-    phase = torch.rand(count, 3, 1, 1, generator=g) * 6.3
-    images = 0.5 + 0.4 * torch.sin(freq[..., 0, None, None] * 6.3 * xx + freq[..., 1, None, None] * 6.3 * yy + phase)
-    return images.clamp(0, 1).to(device)
+throughput = load_throughput()
 
 
 def error_record(err: BaseException) -> dict:
@@ -135,7 +118,7 @@ def profiled_names(fn) -> list[str]:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
-        synchronize()
+        throughput.synchronize()
     names = sorted({event.key for event in prof.key_averages()})
     keys = ("attention", "attn", "flash", "fmha", "softmax", "sdpa", "cudnn")
     return [n for n in names if any(k in n.lower() for k in keys)]
@@ -174,7 +157,7 @@ def check_bf16(ctx: dict) -> dict:
         product = a @ a
     out = {"matmul_dtype": str(product.dtype)}
     model = build_model(ctx).eval()
-    pixels = structured_images(2, model.config.image_size, 0, dev)
+    pixels = throughput.structured_images(2, model.config.image_size, 0, dev)
     with torch.no_grad():
         ref = model(pixels, num_tokens=model.num_latent_tokens, return_reconstruction=False)
         with torch.autocast(dev, dtype=torch.bfloat16):
@@ -212,7 +195,7 @@ def check_sdpa(ctx: dict) -> dict:
                 with sdpa_kernel([getattr(SDPBackend, backend)]):
                     call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None)
                     out = call()
-                    seconds = cuda_time(call, 5)
+                    seconds = throughput.median_seconds(call, 5)
                 result = {"runs": True, "ms": 1e3 * seconds}
                 if masked:
                     result["max_abs_err_vs_math_fp32"] = float((out.float() - reference).abs().max())
@@ -243,7 +226,7 @@ def check_train_step(ctx: dict) -> dict:
     args = ctx["args"]
     model = build_model(ctx).train()
     b, m = args.batch_size, model.num_latent_tokens
-    pixels = structured_images(b, model.config.image_size, 1, dev)
+    pixels = throughput.structured_images(b, model.config.image_size, 1, dev)
     with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
         latents = model.latent_space.encode(pixels).float()   # what the cache would hand the step
     params = [p for p in model.parameters() if p.requires_grad]
@@ -269,7 +252,7 @@ def check_train_step(ctx: dict) -> dict:
             if dev == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            seconds = cuda_time(step, args.step_repeats, warmup=2)
+            seconds = throughput.median_seconds(step, args.step_repeats, warmup=2)
             peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
             out["variants"][name] = {"ok": True, "seconds_per_step": seconds, "images_per_second": b / seconds,
                                      "peak_memory_gib": peak}
@@ -286,27 +269,11 @@ def check_train_step(ctx: dict) -> dict:
 
 
 def check_encode_decode(ctx: dict) -> dict:
-    import torch
-
-    dev = ctx["device"]
-    args = ctx["args"]
+    """``throughput.measure_model`` at ``--batch-size``: encode, decode, round trip and the decode at m/8, m/2,
+    m kept tokens, fp32 and bf16 autocast, with the VAE's share of each (3 repeats after 1 warm-up)."""
     model = build_model(ctx).eval()
-    b, m = args.batch_size, model.num_latent_tokens
-    pixels = structured_images(b, model.config.image_size, 2, dev)
-    out = {"batch_size": b, "num_tokens": m}
-    for precision, autocast in (("fp32", False), ("bf16", True)):
-        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
-            enc = model.encode(pixels, num_tokens=m)
-            latents = model.latent_space.encode(pixels)
-            seconds = {
-                "encode": cuda_time(lambda: model.encode(pixels, num_tokens=m), 3),
-                "decode": cuda_time(lambda: model.decode(enc.tokens, enc.lengths), 3),
-                "vae_encoder": cuda_time(lambda: model.latent_space.encode(pixels), 3),
-                "vae_decoder": cuda_time(lambda: model.latent_space.decode(latents), 3),
-            }
-        out[precision] = {"images_per_second": {k: b / s for k, s in seconds.items()}, "seconds": seconds,
-                          "vae_share_encode": seconds["vae_encoder"] / seconds["encode"],
-                          "vae_share_decode": seconds["vae_decoder"] / seconds["decode"]}
+    pixels = throughput.structured_images(ctx["args"].batch_size, model.config.image_size, 2, ctx["device"])
+    out = throughput.measure_model(model, pixels, repeats=3, warmup=1, device=ctx["device"])
     out["ok"] = True
     return out
 
@@ -318,7 +285,7 @@ def check_loss_run(ctx: dict) -> dict:
     args = ctx["args"]
     model = build_model(ctx).train()
     b = args.batch_size
-    images = structured_images(2 * b, model.config.image_size, 3, dev)
+    images = throughput.structured_images(2 * b, model.config.image_size, 3, dev)
     with torch.no_grad():
         latents = torch.cat([model.latent_space.encode(images[i:i + b]) for i in range(0, 2 * b, b)]).float()
     params = [p for p in model.parameters() if p.requires_grad]

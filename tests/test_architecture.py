@@ -17,7 +17,7 @@ FOLDERS = {"tokenizer": "adatok_vlm.tokenizer", "generator": "adatok_vlm.generat
 LAYERS = {"adatok_vlm.tokenizer": 0, "adatok_vlm.generator": 1, "adatok_vlm": 2, "adatok_vlm.training": 3}
 # Entry points: command-line programs above every library layer. They may import anything; nothing imports them.
 ENTRY_POINTS = {"adatok_vlm.cli", "adatok_vlm.sample_t2i", "adatok_vlm.sample_c2i", "adatok_vlm.training.demo",
-                "adatok_vlm.training.demo_dit"}
+                "adatok_vlm.training.demo_dit", "adatok_vlm.training.rehearse"}
 
 
 def module_name(path: Path) -> str:

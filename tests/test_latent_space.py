@@ -105,3 +105,65 @@ def test_config_statistics_reach_the_model(measured):
     model.latent_space.encode(torch.rand(1, 3, 32, 32))
     torch.testing.assert_close(model.latent_space.latent_mean, torch.tensor(mean))
     torch.testing.assert_close(model.latent_space.latent_std, torch.tensor(std))
+
+
+# ----------------------------------------------------------------------------- speed options
+def first_conv_inputs(space: VAELatentSpace) -> list:
+    """The inputs the VAE encoder's and decoder's first convolutions receive (a hook records them)."""
+    seen = []
+    for conv in (space.vae.encoder.conv_in, space.vae.decoder.conv_in):
+        conv.register_forward_hook(lambda module, args, out: seen.append((args[0], out.dtype)))
+    return seen
+
+
+def twin_spaces(config: dict, **options) -> tuple[VAELatentSpace, VAELatentSpace]:
+    """The default space and one built with ``options``, holding the same random VAE weights."""
+    torch.manual_seed(0)
+    default = VAELatentSpace(config, random_init=True, channels_last=False)
+    other = VAELatentSpace(config, random_init=True, **options)
+    other.load_state_dict(default.state_dict())
+    return default, other
+
+
+@pytest.mark.parametrize("arch", ["tiny-va", "va-vae-f16d32"])
+def test_channels_last_encode_and_decode_equal_the_default(arch):
+    """NHWC activations (the default) give the NCHW results to float rounding, in the ordinary layout, with the
+    same gradients into the decoder's input; the real VA-VAE f16d32 architecture runs at 64x64 to stay small."""
+    from adatok_vlm.tokenizer.configuration_adatok import VAE_ARCHITECTURES
+
+    config, size = (TINY_VA, 32) if arch == "tiny-va" else (VAE_ARCHITECTURES["va-vae-f16d32"], 64)
+    nchw, nhwc = twin_spaces(config, channels_last=True)
+    assert VAELatentSpace(config, random_init=True).channels_last, "channels-last is the default"
+    seen_nchw, seen_nhwc = first_conv_inputs(nchw), first_conv_inputs(nhwc)
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    ref, got = nchw.encode(pixels), nhwc.encode(pixels)
+    assert got.is_contiguous() and got.dtype == pixels.dtype
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    latents = [ref.clone().requires_grad_(True) for _ in range(2)]
+    images = [space.decode(z) for space, z in zip((nchw, nhwc), latents)]
+    assert images[1].is_contiguous() and images[1].shape == pixels.shape
+    assert (images[1] - images[0]).abs().max() <= 1e-4 * images[0].abs().max()
+    for image in images:
+        image.square().mean().backward()   # LPIPS and the GAN back-propagate through the frozen decoder
+    assert (latents[1].grad - latents[0].grad).abs().max() <= 1e-3 * latents[0].grad.abs().max()
+    assert all(x.is_contiguous() for x, _ in seen_nchw)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x, _ in seen_nhwc)
+
+
+def test_autocast_runs_the_vae_alone_in_bf16_and_returns_the_callers_dtype():
+    fp32, bf16 = twin_spaces(TINY_VA, autocast="bfloat16")
+    seen = first_conv_inputs(bf16)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ref, got = fp32.encode(pixels), bf16.encode(pixels)
+    assert got.dtype == torch.float32 and bf16.decode(got).dtype == torch.float32
+    assert [dtype for _, dtype in seen] == [torch.bfloat16, torch.bfloat16], "both convolutions ran under autocast"
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 0.1, f"bf16 latents differ from fp32 by {err:.3g} of their range"
+    assert fp32.autocast is None, "off unless asked for"
+
+
+def test_bad_speed_options_are_clear_errors():
+    with pytest.raises(ValueError, match="autocast must be None or one of"):
+        VAELatentSpace(TINY_VA, random_init=True, autocast="int8")
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        VAELatentSpace(TINY_VA, random_init=True, channels_last="yes")

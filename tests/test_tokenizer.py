@@ -67,6 +67,41 @@ def test_mixed_length_batch_equals_each_sample_alone(variant, images):
         torch.testing.assert_close(enc_alone.tokens[0], enc.tokens[b, :length], rtol=0, atol=1e-5)
 
 
+def record_decoder_inputs(model) -> tuple[list, object]:
+    """``(sequence length, key mask)`` of every call of the decoder's transformer, and the hook's handle."""
+    seen = []
+    handle = model.decoder.transformer.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].shape[1], args[1])))
+    return seen, handle
+
+
+@pytest.mark.parametrize("variant", ["continuous", "fsq"])
+def test_decoder_runs_on_the_longest_kept_prefix_only_and_that_changes_nothing(variant, images):
+    """Below ``m`` kept tokens the decoder's transformer sees ``n + max(lengths)`` positions (its cost falls with
+    the kept length), with no key mask when every sample keeps the whole cut prefix; and the output equals the
+    untrimmed one: the same samples decoded beside one that keeps all ``m``, so nothing is cut there."""
+    model = tiny_model(variant)
+    m, n = model.num_latent_tokens, model.config.num_patches
+    tokens = model.encode(images, num_tokens=m).tokens                  # [4, m, D]
+    untrimmed_tokens = torch.cat([tokens, tokens[:1]])                  # a 5th sample keeps all m
+    for lengths in ([2, 7, 5, 1], [4, 4, 4, 4], [1, 1, 1, 1], [m - 1, 3, m - 1, 6]):
+        lengths = torch.tensor(lengths)
+        seen, handle = record_decoder_inputs(model)
+        trimmed = model.decode(tokens, lengths)
+        untrimmed = model.decode(untrimmed_tokens, torch.cat([lengths, torch.tensor([m])]))[:4]
+        trained = model(images, num_tokens=lengths, return_reconstruction=False)
+        handle.remove()
+        longest, uniform = int(lengths.max()), bool((lengths == lengths[0]).all())
+        assert [length for length, _ in seen] == [n + longest, n + m, n + longest]
+        assert (seen[0][1] is None) == uniform, "a key mask exactly when some sample's tail is masked"
+        assert seen[1][1] is not None
+        torch.testing.assert_close(trimmed, untrimmed, rtol=0, atol=1e-5)
+        torch.testing.assert_close(trained.latents, model.forward_decoder(untrimmed_tokens,
+                                                                          torch.cat([lengths, torch.tensor([m])]))[:4],
+                                   rtol=0, atol=1e-5)
+        assert (trimmed - model.decode(tokens)).abs().max() > 1e-4, "the cut tokens would have changed the output"
+
+
 def test_reconstruction_changes_with_length(images):
     model = tiny_model("continuous")
     a = model.decode(*model.encode(images, num_tokens=1).to_tuple()[:2])

@@ -77,6 +77,10 @@ class AdaTokConfig(PretrainedConfig):
         policy_hidden_size / policy_num_layers (`int`): the policy MLP.
         policy_dropout (`float`): dropout inside the policy and quality-head MLPs while stage 2
             trains (they see a few thousand images' features; dropout keeps them from memorising).
+        policy_image_statistics (`bool`): append ``policy.image_statistics(pixels)`` (9 log measures of
+            detail: std, gradients, Laplacian) to the policy's pooled encoder features. The pooled
+            features also say *which* photo an image is, which a policy trained on a few photos
+            memorises; these say how much detail it has, the same way for every photo.
         reward_kind (`str`): ``"continuous"`` (eq. 6) or ``"structured"`` (eq. 7), used by stage 2
             and by ``num_tokens="oracle"``; reward_alpha / reward_beta / reward_gamma /
             reward_rl_base are the paper's alpha, beta, gamma and rl_base.
@@ -126,6 +130,7 @@ class AdaTokConfig(PretrainedConfig):
     policy_hidden_size: int = 256
     policy_num_layers: int = 2
     policy_dropout: float = 0.0
+    policy_image_statistics: bool = False
     reward_kind: str = "continuous"
     reward_alpha: float = 20.0
     reward_beta: float = 0.2
@@ -216,6 +221,9 @@ class AdaTokConfig(PretrainedConfig):
             )
         if not math.isfinite(float(self.quality_margin)):
             raise ValueError(f"AdaTokConfig.quality_margin must be finite, got {self.quality_margin}")
+        if not isinstance(self.policy_image_statistics, bool):
+            raise TypeError("AdaTokConfig.policy_image_statistics must be a bool, got "
+                            f"{type(self.policy_image_statistics).__name__}")
         if not 0.0 <= float(self.policy_dropout) < 1.0:
             raise ValueError(f"AdaTokConfig.policy_dropout must be in [0, 1), got {self.policy_dropout}")
         if self.reward_kind not in ("continuous", "structured"):

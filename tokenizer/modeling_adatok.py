@@ -34,7 +34,8 @@ from .allocation import binary_search_lengths, oracle_lengths
 from .configuration_adatok import AdaTokConfig
 from .latent_space import VAELatentSpace, build_latent_space
 from .loading import load_checked
-from .policy import QualityCurveHead, TokenLengthPolicy, allocate_budget, length_grid
+from .policy import (IMAGE_STATISTICS, QualityCurveHead, TokenLengthPolicy, allocate_budget, image_statistics,
+                     length_grid)
 from .quantizer import FSQBottleneck, build_bottleneck
 from .rewards import RewardSpec
 from .validation import check_lengths, check_pixel_values, check_positive_number, check_tokens, resolve_num_tokens
@@ -160,7 +161,10 @@ class AdaTokDecoder(nn.Module):
 
     Tokens past each sample's length are replaced by a learned mask token (paper eq. 4) and excluded
     as keys from every self-attention layer, so their values cannot influence any output. The
-    sequence is cut at the batch's longest length: the cost follows the real lengths, not ``m``.
+    sequence is cut at the batch's longest length before the transformer: positions past it are
+    masked for every sample, so dropping them changes no output and the cost follows the kept
+    lengths, not ``m``. When every sample keeps the whole cut prefix no key is masked and no mask is
+    passed, so attention can take the kernels that have no mask support (flash attention on GPU).
     """
 
     def __init__(self, token_dim: int, num_tokens: int, num_patches: int, patch_dim: int, dim: int,
@@ -178,14 +182,19 @@ class AdaTokDecoder(nn.Module):
         self.to_patches = nn.Linear(dim, patch_dim)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        shortest, longest = torch.stack(torch.aminmax(lengths)).tolist()  # one host sync for both
+        tokens = tokens[:, :longest]                                      # [B, max(lengths), D]: a view
         b, length, _ = tokens.shape
-        valid = token_mask(lengths, length)                               # [B, L]
-        # Zero the tail first so that inf/NaN padding cannot leak through 0 * inf in the embedding.
-        tokens = tokens.masked_fill(~valid[..., None], 0.0)
+        masked = shortest < length                                        # some sample has a tail left
+        if masked:
+            valid = token_mask(lengths, length)                           # [B, L]
+            # Zero the tail first so that inf/NaN padding cannot leak through 0 * inf in the embedding.
+            tokens = tokens.masked_fill(~valid[..., None], 0.0)
         t = self.token_embed(tokens) + self.token_pos[:, :length]         # [B, L, dim]
-        t = torch.where(valid[..., None], t, self.mask_token.to(t.dtype))  # tail -> M_i
+        if masked:
+            t = torch.where(valid[..., None], t, self.mask_token.to(t.dtype))  # tail -> M_i
         x = torch.cat([self.patch_queries.expand(b, -1, -1), t], dim=1)   # [B, n + L, dim]
-        key_valid = torch.cat([valid.new_ones(b, self.num_patches), valid], dim=1)
+        key_valid = torch.cat([valid.new_ones(b, self.num_patches), valid], dim=1) if masked else None
         hidden = self.transformer(x, key_valid)                           # [B, n + L, dim]
         return self.to_patches(hidden[:, : self.num_patches])             # [B, n, patch_dim]
 
@@ -394,7 +403,7 @@ class AdaTokModel(AdaTokPreTrainedModel):
 
     def _build_policy(self) -> None:
         c = self.config
-        feature_dim = 2 * c.hidden_size
+        feature_dim = 2 * c.hidden_size + (len(IMAGE_STATISTICS) if c.policy_image_statistics else 0)
         # Built on the CPU even inside from_pretrained's meta-device context: the heads validate
         # their length grid with real values. They are small; their weights load right after.
         with torch.device("cpu"):
@@ -420,10 +429,18 @@ class AdaTokModel(AdaTokPreTrainedModel):
         return RewardSpec(kind=c.reward_kind, alpha=c.reward_alpha, beta=c.reward_beta, gamma=c.reward_gamma,
                           rl_base=c.reward_rl_base)
 
-    def policy_features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Detached policy input ``[B, 2*dim]``: mean patch features and mean token features."""
+    def policy_features(self, hidden: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Detached policy input ``[B, 2*dim (+9)]``: mean patch features and mean token features, then
+        ``image_statistics(pixel_values)`` when ``config.policy_image_statistics`` (the pixels the
+        encoder read)."""
         n = self.config.num_patches
-        return torch.cat([hidden[:, :n].mean(1), hidden[:, n:].mean(1)], dim=-1).detach()
+        features = torch.cat([hidden[:, :n].mean(1), hidden[:, n:].mean(1)], dim=-1)
+        if self.config.policy_image_statistics:
+            if pixel_values is None:
+                raise ValueError("policy_features: this policy reads image statistics; pass pixel_values "
+                                 "[B, C, H, W], the images the encoder read")
+            features = torch.cat([features, image_statistics(pixel_values).to(features)], dim=-1)
+        return features.detach()
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         if only_trainable:
@@ -467,9 +484,9 @@ class AdaTokModel(AdaTokPreTrainedModel):
         return tokens, hidden, latents, aux
 
     def forward_decoder(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Tokens ``[B, L, D]`` + lengths ``[B]`` -> predicted latents ``[B, C, h, w]``."""
-        longest = int(lengths.max())
-        patches = self.decoder(tokens[:, :longest], lengths)              # [B, n, p*p*C]
+        """Tokens ``[B, L, D]`` + lengths ``[B]`` -> predicted latents ``[B, C, h, w]`` (the decoder runs on the
+        batch's longest kept prefix only)."""
+        patches = self.decoder(tokens, lengths)                           # [B, n, p*p*C]
         grid = self.config.latent_grid_size // self.config.patch_size
         return unpatchify(patches, self.config.patch_size, self.config.latent_channels, grid)
 
@@ -530,7 +547,7 @@ class AdaTokModel(AdaTokPreTrainedModel):
                 return binary_search_lengths(error_fn, grid, self.config.search_threshold, b)
             spec = self.reward_spec()
             return oracle_lengths(error_fn, grid, lambda rl, length: spec(rl, length, self.num_latent_tokens), b)[0]
-        features = self.policy_features(hidden)
+        features = self.policy_features(hidden, x)
         if mode == "auto":
             return self.policy.mode(features)
         if mode == "sample":

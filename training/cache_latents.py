@@ -322,7 +322,9 @@ def _world(tc: CacheRunConfig):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        # cpu=True on CPU: PartialState() alone makes every torchrun process rank 0 of 1 there (each would
+        # encode the whole set); with it, the ranks form a gloo group
+        state = PartialState(cpu=not torch.cuda.is_available())
         return state.process_index, state.num_processes, state.wait_for_everyone
     return 0, 1, None
 
@@ -340,7 +342,8 @@ def build_cache(cfg: CacheLatentsConfig) -> dict:
     vae_path = cfg.model.get("vae_path")
     if not vae_path:
         raise ValueError("model.vae_path: cache-latents needs the VAE folder (--model.vae_path DIR), got none")
-    model_config = build_model_config(cfg.model)
+    # --model.X overrides replace the whole default section: keep its preset unless they name one
+    model_config = build_model_config({**CacheLatentsConfig().model, **cfg.model})
     if model_config.latent_space != "vae":
         raise ValueError(f"model: a latent cache is for a VAE latent space, got latent_space={model_config.latent_space!r}")
     rank, world_size, barrier = _world(tc)
