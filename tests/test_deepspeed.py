@@ -414,7 +414,7 @@ def test_the_replayed_adaptive_gan_weight_is_the_direct_one():
     from accelerate.utils import DistributedType
 
     from adatok_vlm.tokenizer.losses import AdaTokStage1Loss
-    from adatok_vlm.training.train_tokenizer import LastLayerInput, replayed_adaptive_weight
+    from adatok_vlm.training.train_tokenizer import LastLayerInput, LossConfig, replayed_adaptive_weight
 
     model = tiny_model(seed=2)
     torch.manual_seed(0)
@@ -425,7 +425,7 @@ def test_the_replayed_adaptive_gan_weight_is_the_direct_one():
     out = model(x, num_tokens=torch.tensor([2, 5, 8, 12]))
     _, logs = loss_fn.generator_loss(x, out.reconstruction, out.loss, 1, model.last_layer_weight())
     no_deepspeed = SimpleNamespace(distributed_type=DistributedType.NO)
-    replayed = replayed_adaptive_weight(no_deepspeed, model, loss_fn, capture.h, out.target_latents, x, 0.0)
+    replayed = replayed_adaptive_weight(no_deepspeed, model, loss_fn, capture.h, out.target_latents, x, LossConfig())
     assert logs["gan_weight"] > 0
     assert replayed == pytest.approx(logs["gan_weight"], rel=1e-5)
 

@@ -34,7 +34,8 @@ def test_demo_writes_every_file_it_promises(tmp_path, monkeypatch):
     for key in ("images_per_s", "wall_s", "num_parameters"):
         assert saved[key] > 0
     ablation = json.loads((out / "ablation.json").read_text())
-    assert [r["method"] for r in ablation["rows"]] == ["fixed", "truncate_mean", "search", "ata", "oracle"]
+    assert [r["method"] for r in ablation["rows"]] == ["fixed", "truncate_fixed", "truncate_mean", "search", "search_paper", "ata",
+                                                           "oracle", "oracle_continuous"]
     model = transformers.AutoModel.from_pretrained(out / "model")
     assert model.has_policy
     assert metrics["per_length"] == saved["per_length"]

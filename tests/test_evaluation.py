@@ -11,6 +11,7 @@ from conftest import tiny_model
 
 from adatok_vlm.tokenizer.rewards import continuous_reward, structured_reward
 from adatok_vlm.training.evaluation import (
+    errors_at_lengths,
     evaluate_reconstructions,
     length_label,
     markdown_table,
@@ -83,6 +84,39 @@ def test_length_specs_parse_and_name():
             parse_length_spec(bad)
     assert [length_label(s) for s in (4, "search", {"max_mse": 0.02}, torch.ones(3, dtype=torch.long))] == \
         ["4", "search", "max_mse=0.02", "per_sample"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the one "error at every length"
+# --------------------------------------------------------------------------------------------------
+
+
+def test_errors_at_lengths_match_the_model_s_own_reconstruction_error():
+    """Columns of ints, one length per image, and ``[B, K]`` all agree with ``model.reconstruction_error``
+    (the model encoding at each length itself); given tokens are used instead of a second encoder pass."""
+    model = tiny_model()
+    x = _photos(5)
+    unit = x.float() / 255.0
+    m = model.num_latent_tokens
+    columns = errors_at_lengths(model, x, [1, 5, m])
+    assert columns.shape == (5, 3) and columns.dtype == torch.float32
+    for k, length in enumerate((1, 5, m)):
+        torch.testing.assert_close(columns[:, k], model.reconstruction_error(unit, length), rtol=1e-5, atol=1e-7)
+    per_image = torch.tensor([1, 3, 7, m, 2])
+    torch.testing.assert_close(errors_at_lengths(model, unit, per_image)[:, 0],
+                               model.reconstruction_error(unit, per_image), rtol=1e-5, atol=1e-7)
+    both = errors_at_lengths(model, unit, torch.stack([per_image, per_image.flip(0)], 1))
+    torch.testing.assert_close(both[:, 1], model.reconstruction_error(unit, per_image.flip(0)), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(columns[:, 0], columns[:, 2])             # lengths matter
+    zeros = torch.zeros_like(model.encode(unit).tokens)                   # the tokens given are the ones decoded
+    torch.testing.assert_close(errors_at_lengths(model, unit, [m], tokens=zeros)[:, 0],
+                               (model.decode(zeros).float() - unit).pow(2).flatten(1).mean(1))
+    with pytest.raises(ValueError, match=r"lengths: expected an integer tensor \[5\]"):
+        errors_at_lengths(model, unit, torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="lengths: expected an integer tensor"):
+        errors_at_lengths(model, unit, torch.ones(5))
+    with pytest.raises(ValueError, match="lengths: expected at least one"):
+        errors_at_lengths(model, unit, [])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,17 +7,21 @@ import pytest
 import torch
 
 from adatok_vlm.tokenizer.policy import (
+    IMAGE_STATISTICS,
     QualityCurveHead,
     TokenLengthPolicy,
     allocate_budget,
+    image_statistics,
     length_grid,
     lengths_to_indices,
 )
 from adatok_vlm.tokenizer.rewards import (
     RewardSpec,
+    baseline_lengths,
     continuous_reward,
     default_sharpness,
     entropy_weight,
+    pool_baseline,
     reinforce_loss,
     relative_advantage,
     structured_reward,
@@ -200,6 +204,30 @@ def test_relative_advantage_both_modes_and_detached_baseline():
     assert baseline.grad is None
     # A scalar baseline broadcasts.
     torch.testing.assert_close(relative_advantage(torch.tensor([2.0, 0.0]), 1.0, mu=0.5), torch.tensor([2.5, -0.5]))
+
+
+def test_baseline_readings_of_eq8():
+    """'R(L_mean) computed on a batch basis', three ways: each image's own rounded E_pi[L]; the batch's
+    mean E_pi[L] for every image; the per-image baselines' batch mean for every image."""
+    grid = length_grid(1, 8)
+    expected = torch.tensor([1.2, 2.6, 7.9, 4.4])
+    assert baseline_lengths(expected, grid, "image").tolist() == [1, 3, 8, 4]
+    assert baseline_lengths(expected, grid, "batch_reward").tolist() == [1, 3, 8, 4]
+    assert baseline_lengths(expected, grid, "batch_length").tolist() == [4, 4, 4, 4]   # mean 4.025
+    assert baseline_lengths(torch.tensor([2.0, 3.2]), length_grid(2, 8, 2), "image").tolist() == [2, 4]
+    measured = torch.tensor([1.0, 2.0, 3.0, 6.0], requires_grad=True)
+    torch.testing.assert_close(pool_baseline(measured, "image"), measured.detach())
+    torch.testing.assert_close(pool_baseline(measured, "batch_length"), measured.detach())
+    torch.testing.assert_close(pool_baseline(measured, "batch_reward"), torch.full((4,), 3.0))
+    assert not pool_baseline(measured, "batch_reward").requires_grad
+    with pytest.raises(ValueError, match="reading"):
+        baseline_lengths(expected, grid, "global")
+    with pytest.raises(ValueError, match="reading"):
+        pool_baseline(measured, "per_batch")
+    with pytest.raises(ValueError, match="expected_lengths"):
+        baseline_lengths(torch.tensor([1.0, float("nan")]), grid)
+    with pytest.raises(ValueError, match="expected_lengths"):
+        baseline_lengths(torch.ones(2, 2), grid)
 
 
 @pytest.mark.parametrize(
@@ -531,3 +559,26 @@ def test_allocate_budget_equals_step_by_step_greedy_on_non_convex_curves():
             counts[best] += 1
             spent += 2
         assert allocate_budget(curves, grid, budget).tolist() == grid[counts].tolist()
+
+
+def test_image_statistics_measure_detail_deterministically():
+    """Flat images have no detail (every gradient statistic at the floor), a checkerboard the most; more
+    noise, larger statistics; the same pixels give the same numbers; one row per image, one column each."""
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    smooth = torch.linspace(0, 1, 16).expand(1, 3, 16, 16).clone()
+    checker = ((torch.arange(16)[:, None] + torch.arange(16)[None]) % 2).float().expand(1, 3, 16, 16)
+    noisy = [(0.5 + s * torch.randn(1, 3, 16, 16, generator=g)).clamp(0, 1) for s in (0.05, 0.2)]
+    batch = torch.cat([flat, smooth, checker, *noisy])
+    stats = image_statistics(batch)
+    assert stats.shape == (5, len(IMAGE_STATISTICS)) and stats.dtype == torch.float32
+    torch.testing.assert_close(stats[0], torch.full((len(IMAGE_STATISTICS),), math.log(1e-4)))
+    assert (stats[4] > stats[3]).all(), "more noise, more detail"
+    lap = IMAGE_STATISTICS.index("laplacian")
+    assert stats[2, lap] > stats[4, lap] > stats[1, lap], "a checkerboard has the most curvature, a ramp ~none"
+    torch.testing.assert_close(image_statistics(batch), stats, rtol=0, atol=0)
+    torch.testing.assert_close(image_statistics(batch[3:4]), stats[3:4])   # per image: batch-independent
+    with pytest.raises(ValueError, match="pixels"):
+        image_statistics(torch.rand(3, 16, 16))
+    with pytest.raises(TypeError, match="pixels"):
+        image_statistics(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))

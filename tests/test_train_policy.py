@@ -171,3 +171,60 @@ def test_table_objectives_learn_a_per_image_length(objective):
     chosen = policy.mode(features)
     assert (chosen == best).float().mean() > 0.95, chosen.tolist()[:16]
     assert set(drawn) >= {"lengths", "reward", "baseline", "log_prob", "entropy"}
+
+
+def test_table_policy_loss_reads_eq8_s_baseline_per_image_or_per_batch():
+    """Eq. 8's baseline on a reward table: ``reading="image"`` (the default) measures R at each image's own
+    rounded E_pi[L]; ``batch_length`` at the batch's mean length (one column for all); ``batch_reward``
+    pools the per-image baselines over the batch. The draws do not depend on the reading."""
+    from adatok_vlm.tokenizer.policy import TokenLengthPolicy, length_grid
+    from adatok_vlm.training.reward_table import table_policy_loss
+
+    torch.manual_seed(0)
+    policy = TokenLengthPolicy(5, length_grid(1, 8), hidden_dim=16, num_layers=1)
+    torch.nn.init.normal_(policy.mlp.out.weight, std=0.5)   # a non-uniform policy: E_pi[L] differs per row
+    features, rewards = torch.randn(32, 5), torch.rand(32, 8)
+    drawn = {}
+    for reading in ("image", "batch_length", "batch_reward"):
+        torch.manual_seed(1)
+        _, _, drawn[reading] = table_policy_loss(policy, features, rewards, "reinforce", 0.1, "relative", 0.01,
+                                                 reading)
+    d0 = drawn["image"]
+    expected = policy.distribution(features).probs.detach() @ policy.grid.float()
+    torch.testing.assert_close(d0["mean_lengths"], expected.round().clamp(1, 8).long())
+    rows = torch.arange(32)
+    torch.testing.assert_close(d0["baseline"], rewards[rows, d0["mean_lengths"] - 1])
+    assert len(set(d0["mean_lengths"].tolist())) > 1, "the test needs per-image means that differ"
+    batch = drawn["batch_length"]
+    torch.testing.assert_close(batch["lengths"], d0["lengths"])           # same draws
+    assert len(set(batch["mean_lengths"].tolist())) == 1                # one L_mean for the batch
+    column = int(batch["mean_lengths"][0]) - 1
+    torch.testing.assert_close(batch["baseline"], rewards[:, column])
+    torch.testing.assert_close(drawn["batch_reward"]["baseline"], d0["baseline"].mean().expand(32))
+
+
+def test_baseline_reading_is_validated():
+    with pytest.raises(ValueError, match="baseline_reading"):
+        fill_dataclass(PolicyTrainingConfig, {"train": {"baseline_reading": "global"}})
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_a_policy_reading_image_statistics_trains_online_and_from_a_table_and_reloads(stage1, tmp_path, table):
+    """``model.policy_image_statistics``: the policy's input grows by the 9 detail statistics of the pixels the
+    encoder read, in the online step, in the reward table and in ``encode("auto")``; asking for its features
+    without the pixels names what is missing."""
+    from adatok_vlm.tokenizer.policy import IMAGE_STATISTICS
+
+    args = ["--tokenizer", stage1, "--output_dir", str(tmp_path), "--max_steps", "4", "--train.batch_size", "8",
+            "--train.log_every", "1", "--train.save_every", "0", "--data.dataset", "natural_crops",
+            "--data.num_crops", "256", "--model.policy_image_statistics", "true"]
+    if table:
+        args += ["--train.reward_table", "true", "--train.table_size", "24", "--train.val_size", "16"]
+    model = transformers.AutoModel.from_pretrained(main(args)["model_dir"]).eval()
+    assert model.config.policy_image_statistics is True
+    assert model.policy.mlp.in_dim == 2 * model.config.hidden_size + len(IMAGE_STATISTICS)
+    images = torch.rand(3, 3, 32, 32)
+    assert model.encode(images, num_tokens="auto").lengths.shape == (3,)
+    _, hidden, _, _ = model.forward_encoder(images)
+    with pytest.raises(ValueError, match="pass pixel_values"):
+        model.policy_features(hidden)

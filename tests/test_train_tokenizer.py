@@ -126,3 +126,63 @@ def test_pixel_loss_on_the_decoded_image_is_logged_and_trains(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in l]
     for r in rows:
         assert r["loss"] == pytest.approx(r["recon_loss"] + 0.5 * r["pixel_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# eq. 5's L_recon: pixel-level L2 (the paper) or latent L2
+# --------------------------------------------------------------------------------------------------
+def _vae_config(tmp_path, reconstruction=None):
+    from conftest import TINY_VAE
+
+    cfg = config(tmp_path, max_steps=2, save_every=0, export=False)
+    cfg.model.update(latent_space="vae", vae_config=TINY_VAE, vae_random_init=True, patch_size=2)
+    if reconstruction is not None:
+        cfg.loss.reconstruction = reconstruction
+    return cfg
+
+
+def _one_step(cfg):
+    """The stage's losses on its first batch, with the reconstruction and the pixels it used."""
+    from accelerate import Accelerator
+
+    from adatok_vlm.training.train_tokenizer import TokenizerStage
+
+    torch.manual_seed(cfg.train.seed)
+    stage = TokenizerStage(cfg, Accelerator(cpu=True))
+    state = {"step": 1, "skipped_images": 0}
+    batch = stage.prepare(next(iter(stage.batches())), state)
+    return stage.step(batch, state), stage.out, batch[0]
+
+
+def test_pixel_l2_is_the_default_l_recon_in_a_vae_latent_space(tmp_path):
+    """Default ``loss.reconstruction pixel``: L_recon is 4 x the [0, 1] MSE of the decoded image (the L2 in
+    [-1, 1]), not the latent MSE (logged as ``latent_loss``); ``latent`` keeps the latent MSE."""
+    assert TokenizerTrainingConfig().loss.reconstruction == "pixel"
+    losses_pixel, out, pixels = _one_step(_vae_config(tmp_path / "p"))
+    expected = 4.0 * (out.reconstruction.float() - pixels.float()).pow(2).mean()
+    assert float(losses_pixel["recon_loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(losses_pixel["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    latent_mse = (out.latents.float() - out.target_latents.float()).pow(2).mean()
+    assert float(losses_pixel["latent_loss"]) == pytest.approx(float(latent_mse), rel=1e-5)
+    assert abs(float(losses_pixel["recon_loss"]) - float(latent_mse)) > 1e-3 * float(latent_mse)
+    assert losses_pixel["loss"].requires_grad
+    losses_latent, out, _ = _one_step(_vae_config(tmp_path / "l", "latent"))
+    assert "latent_loss" not in losses_latent
+    latent_mse = (out.latents.float() - out.target_latents.float()).pow(2).mean()
+    assert float(losses_latent["recon_loss"]) == pytest.approx(float(latent_mse), rel=1e-5)
+
+
+def test_pixel_and_latent_l_recon_are_one_run_in_the_pixel_space(tmp_path):
+    """In the pixel latent space the latents are the image in [-1, 1]: both settings train bit for bit alike."""
+    runs = {}
+    for mode in ("pixel", "latent"):
+        cfg = config(tmp_path / mode, max_steps=3, save_every=0)
+        cfg.loss.reconstruction = mode
+        train(cfg)
+        runs[mode] = losses(tmp_path / mode)
+    assert len(runs["pixel"]) == 3 and runs["pixel"] == runs["latent"]
+
+
+def test_an_unknown_l_recon_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match="loss.reconstruction.*'pixel', 'latent'.*'l1'"):
+        fill_dataclass(TokenizerTrainingConfig, {"loss": {"reconstruction": "l1"}})

@@ -135,6 +135,39 @@ def pool_features(features: torch.Tensor, mask: Optional[torch.Tensor] = None) -
     return (features * weights).sum(dim=1) / count.to(features.dtype)
 
 
+IMAGE_STATISTICS = ("std", "grad_x", "grad_y", "rms_grad_x", "rms_grad_y", "grad_x_half", "grad_y_half",
+                    "laplacian", "rms_laplacian")
+
+
+def image_statistics(pixels: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Content-complexity statistics of images ``[B, C, H, W]`` in [0, 1]: ``[B, 9]`` log values
+    (``IMAGE_STATISTICS``: the per-channel standard deviation, mean |gradient| along x and y, their RMS,
+    the same gradients at half resolution, mean |Laplacian| and its RMS), each ``log(max(v, eps))``.
+
+    Why: how many tokens an image needs follows how much detail it has; these numbers measure that
+    the same way for every photo, where the encoder's mean-pooled features also say *which* photo it
+    is, which a policy trained on a few photos memorises (appended to the policy's features on the
+    natural demo, they raised ATA's reward on held-out photos; H7's report to issue #17). Logs keep them on
+    the scale of encoder features (about -9 to 0), so no normalisation layer is needed. Computed from
+    the pixels the encoder reads: no decoder call. Deterministic; differentiable (not needed: inputs).
+    """
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[-1] < 3 or pixels.shape[-2] < 3:
+        got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"pixels must be a tensor [B, C, H, W] with H, W >= 3, got {got}")
+    if not pixels.is_floating_point():
+        raise TypeError(f"pixels must be floating point in [0, 1], got dtype {pixels.dtype}")
+    x = pixels.float()
+    gx, gy = x[..., 1:] - x[..., :-1], x[..., 1:, :] - x[..., :-1, :]
+    half = F.avg_pool2d(x, 2) if min(x.shape[-2:]) >= 4 else x
+    hx, hy = half[..., 1:] - half[..., :-1], half[..., 1:, :] - half[..., :-1, :]
+    lap = (4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:])
+    dims = (1, 2, 3)
+    stats = torch.stack([x.std(dim=(2, 3)).mean(1), gx.abs().mean(dims), gy.abs().mean(dims),
+                         gx.pow(2).mean(dims).sqrt(), gy.pow(2).mean(dims).sqrt(), hx.abs().mean(dims),
+                         hy.abs().mean(dims), lap.abs().mean(dims), lap.pow(2).mean(dims).sqrt()], dim=1)
+    return stats.clamp_min(eps).log()
+
+
 # --------------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------------
@@ -453,10 +486,12 @@ def allocate_budget(curves: torch.Tensor, lengths_grid: LengthsLike, mean_budget
 
 
 __all__ = [
+    "IMAGE_STATISTICS",
     "FeatureMLP",
     "QualityCurveHead",
     "TokenLengthPolicy",
     "allocate_budget",
+    "image_statistics",
     "length_grid",
     "lengths_to_indices",
     "pool_features",

@@ -8,6 +8,8 @@ from the first ``L`` tokens and measures its reconstruction loss ``rl`` (pixel M
 * :func:`structured_reward`   eq. 7  ``1 + (L_max - L) / L_max`` if ``rl <= rl_base`` else
   ``-(rl - rl_base) * gamma``, smoothed by a sigmoid switch (the paper trains with the smoothed form)
 * :func:`relative_advantage`  eq. 8  ``A = R(L) + mu * (R(L) - R(L_mean))``
+* :func:`baseline_lengths`, :func:`pool_baseline`  where ``R(L_mean)`` is measured: the readings of the
+  paper's "computed on a batch basis" (``BASELINE_READINGS``)
 * :func:`entropy_weight`      the decaying weight ``lambda(t)`` of the entropy bonus
 * :func:`reinforce_loss`      eq. 9  ``-E[log pi(L|f) * A] - lambda * H(pi)``
 * :class:`RewardSpec`         a validated, callable choice of reward and its hyper-parameters
@@ -26,6 +28,8 @@ from numbers import Integral, Real
 from typing import Optional, Union
 
 import torch
+
+from .policy import round_to_grid
 
 TensorLike = Union[torch.Tensor, float, int]
 
@@ -49,6 +53,11 @@ SWITCH_WIDTH_FRACTION = 0.02
 
 SCHEDULES = ("linear", "cosine", "exponential", "constant")
 ADVANTAGE_MODES = ("relative", "baseline")
+# Readings of eq. 8's "R(L_mean, f) is computed on a batch basis" (see baseline_lengths):
+#   image         L_mean = E_pi[L | f_b] per image, baseline R(L_mean_b, f_b) per image;
+#   batch_length  L_mean = the batch's mean of E_pi[L | f_b], baseline R(L_mean, f_b) per image;
+#   batch_reward  the per-image baselines averaged over the batch: one number for every image.
+BASELINE_READINGS = ("image", "batch_length", "batch_reward")
 REWARD_KINDS = ("continuous", "structured")
 
 
@@ -235,6 +244,36 @@ def relative_advantage(
     return reward + mu * (reward - baseline_reward)
 
 
+def baseline_lengths(expected_lengths: torch.Tensor, grid: torch.Tensor, reading: str = "image") -> torch.Tensor:
+    """The grid lengths ``[B]`` at which eq. 8's baseline ``R(L_mean, f_b)`` is measured for each image.
+
+    ``expected_lengths [B]`` is ``E_pi[L | f_b]`` (:meth:`TokenLengthPolicy.expected_length`), ``grid``
+    the allowed token counts (the tokenizer can only decode those, so ``L_mean`` is rounded to them).
+    ``reading`` (``BASELINE_READINGS``): ``"image"`` and ``"batch_reward"`` round each image's own
+    ``E_pi[L]``; ``"batch_length"`` rounds the batch's mean of them, one length for every image.
+    Detached: the baseline is a constant for backpropagation (paper, below eq. 8).
+    """
+    if reading not in BASELINE_READINGS:
+        raise ValueError(f"reading must be one of {BASELINE_READINGS}, got {reading!r}")
+    expected = _float_tensor(expected_lengths, "expected_lengths").detach()
+    _check_finite(expected, "expected_lengths")
+    if expected.ndim != 1 or expected.numel() == 0:
+        raise ValueError(f"expected_lengths must be a non-empty [B] tensor, got shape {tuple(expected.shape)}")
+    if reading == "batch_length":
+        expected = expected.mean().expand_as(expected)
+    return round_to_grid(expected, grid)
+
+
+def pool_baseline(baseline_reward: torch.Tensor, reading: str = "image") -> torch.Tensor:
+    """The baseline ``[B]`` each image's advantage uses, from the rewards measured at
+    :func:`baseline_lengths`: as is, except ``"batch_reward"`` (their batch mean for every image)."""
+    if reading not in BASELINE_READINGS:
+        raise ValueError(f"reading must be one of {BASELINE_READINGS}, got {reading!r}")
+    baseline_reward = _float_tensor(baseline_reward, "baseline_reward").detach()
+    _check_finite(baseline_reward, "baseline_reward")
+    return baseline_reward.mean().expand_as(baseline_reward) if reading == "batch_reward" else baseline_reward
+
+
 def entropy_weight(
     step: int,
     total_steps: int,
@@ -373,10 +412,13 @@ class RewardSpec:
 
 
 __all__ = [
+    "BASELINE_READINGS",
     "RewardSpec",
+    "baseline_lengths",
     "continuous_reward",
     "default_sharpness",
     "entropy_weight",
+    "pool_baseline",
     "reinforce_loss",
     "relative_advantage",
     "structured_reward",

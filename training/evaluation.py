@@ -37,27 +37,68 @@ def default_lengths(max_tokens: int) -> list[int]:
     return lengths + [max_tokens]
 
 
+def unit_pixels(x: torch.Tensor, device=None) -> torch.Tensor:
+    """Images as float in [0, 1] on ``device``: uint8 ``[B, 3, H, W]`` is divided by 255, float kept as is."""
+    return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).to(device)
+
+
+@torch.no_grad()
+def errors_at_lengths(model, x: torch.Tensor, lengths, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The one "error at every length": per-image pixel MSE ``[B, K]`` of ``x`` reconstructed from each
+    column of ``lengths`` (the paper's ``rl``, eq. 6/7; rMSE, Sec. 5.3).
+
+    Every evaluation of an AdaTok at several lengths goes through here: :func:`per_image_mse` (rMSE
+    curves), the reward table of stage 2 (``reward_table.measure_reward_table``) and Table 2
+    (``ablation``), so they cannot drift apart.
+
+    Args:
+        model: an :class:`AdaTokModel`; ``x`` goes to its device.
+        x: images ``[B, 3, H, W]``, float in [0, 1] or uint8.
+        lengths: K ints (column k: every image at ``lengths[k]``), a LongTensor ``[B]`` (one length per
+            image; K = 1) or ``[B, K]``.
+        tokens: ``x``'s tokens ``[B, m, D]`` when the caller has them already (``model.forward_encoder``,
+            whose hidden states it also needs); else ``x`` is encoded here. Either way the encoder runs
+            once and the decoder once per column (the prefixes nest).
+    Returns:
+        float32 ``[B, K]`` on the CPU.
+    """
+    device = model.device
+    x = unit_pixels(x, device)
+    b = x.shape[0]
+    if isinstance(lengths, torch.Tensor):
+        if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.dim() not in (1, 2) \
+                or lengths.shape[0] != b:
+            raise ValueError(f"lengths: expected an integer tensor [{b}] or [{b}, K], got {lengths.dtype} "
+                             f"{tuple(lengths.shape)}")
+        columns = (lengths[:, None] if lengths.dim() == 1 else lengths).to(device, torch.long).unbind(1)
+    else:
+        columns = [torch.full((b,), int(length), dtype=torch.long, device=device) for length in lengths]
+    if not columns:
+        raise ValueError("lengths: expected at least one length")
+    if tokens is None:
+        tokens = model.encode(x).tokens                                    # all m tokens, once
+    out = []
+    for lens in columns:
+        recon = model.decode(tokens[:, : int(lens.max())], lens)
+        out.append(mse_per_image(recon, x))
+    return torch.stack(out, 1).cpu()
+
+
 @torch.no_grad()
 def per_image_mse(model, pixels: torch.Tensor, lengths: list[int], batch_size: int = 256,
                   progress: bool = True) -> torch.Tensor:
-    """``[N, K]`` per-image pixel MSE of reconstructions from each length in ``lengths``.
+    """``[N, K]`` per-image pixel MSE of reconstructions from each length in ``lengths``
+    (:func:`errors_at_lengths` over ``pixels`` in batches).
 
     ``pixels`` is uint8 ``[N, 3, H, W]`` or float in [0, 1]. The encoder runs once per image; the
     decoder once per length.
     """
     model.eval()
-    out = torch.empty(pixels.shape[0], len(lengths))
-    device = model.device
+    if pixels.shape[0] == 0:
+        return torch.empty(0, len(lengths))
     starts = range(0, pixels.shape[0], batch_size)
-    for start in tqdm(starts, desc="evaluating", leave=False, disable=not progress):
-        x = pixels[start : start + batch_size]
-        x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).to(device)
-        enc = model.encode(x)
-        for k, length in enumerate(lengths):
-            lens = torch.full((x.shape[0],), length, dtype=torch.long, device=device)
-            recon = model.decode(enc.tokens[:, :length], lens)
-            out[start : start + x.shape[0], k] = (recon.float() - x).pow(2).flatten(1).mean(1).cpu()
-    return out
+    return torch.cat([errors_at_lengths(model, pixels[start : start + batch_size], lengths)
+                      for start in tqdm(starts, desc="evaluating", leave=False, disable=not progress)])
 
 
 def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:

@@ -35,10 +35,10 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..tokenizer.policy import first_at_or_below, lengths_to_indices, round_to_grid
-from ..tokenizer.rewards import relative_advantage, reinforce_loss
+from ..tokenizer.policy import first_at_or_below, lengths_to_indices
+from ..tokenizer.rewards import baseline_lengths, pool_baseline, relative_advantage, reinforce_loss
 from .distributed import any_rank
-from .evaluation import mse_per_image
+from .evaluation import errors_at_lengths
 
 OBJECTIVES = ("reinforce", "expected")
 
@@ -83,19 +83,15 @@ class RewardTable:
 @torch.no_grad()
 def measure_reward_table(model, batches: Iterable[torch.Tensor], grid: torch.Tensor,
                          progress: Callable[[int], None] | None = None) -> RewardTable:
-    """Encode each batch of pixels ``[B, C, H, W]`` (in [0, 1]) once and decode it at every length of ``grid``."""
+    """Encode each batch of pixels ``[B, C, H, W]`` (in [0, 1]) once and decode it at every length of ``grid``
+    (:func:`~.evaluation.errors_at_lengths`, with the encoder's tokens whose hidden states give the features)."""
     features, rls = [], []
     device = next(model.parameters()).device
     for x in batches:
         x = x.to(device)
         tokens, hidden, _, _ = model.forward_encoder(x)
-        features.append(model.policy_features(hidden).float().cpu())
-        per_length = []
-        for length in grid.tolist():
-            lengths = torch.full((x.shape[0],), length, dtype=torch.long, device=device)
-            recon = model.decode(tokens[:, :length], lengths)
-            per_length.append(mse_per_image(recon, x).cpu())
-        rls.append(torch.stack(per_length, 1))
+        features.append(model.policy_features(hidden, x).float().cpu())
+        rls.append(errors_at_lengths(model, x, grid.tolist(), tokens=tokens))
         if progress is not None:
             progress(x.shape[0])
     if not features:
@@ -107,10 +103,12 @@ def measure_reward_table(model, batches: Iterable[torch.Tensor], grid: torch.Ten
 # one policy step on table rows
 # ---------------------------------------------------------------------------------------------
 def table_policy_loss(policy, features: torch.Tensor, rewards: torch.Tensor, objective: str, mu: float,
-                      advantage: str, entropy_weight: float) -> tuple[torch.Tensor, dict, dict]:
+                      advantage: str, entropy_weight: float, reading: str = "image") -> tuple[torch.Tensor, dict, dict]:
     """The policy loss on rows whose reward at every grid length is known, ``rewards [B, K]``.
 
-    ``reinforce``: sample ``L ~ pi``, look up ``R(L)`` and ``R(L_mean)``, eq. 8 and eq. 9 (the paper).
+    ``reinforce``: sample ``L ~ pi``, look up ``R(L)`` and ``R(L_mean)``, eq. 8 and eq. 9 (the paper), with
+    eq. 8's baseline read as ``reading`` (``rewards.BASELINE_READINGS``: each image's own ``E_pi[L]``, or the
+    batch-wide readings the paper's "on a batch basis" allows).
     ``expected``: ``-sum_L pi(L|f) R(L) - lambda H(pi)``, the exact gradient REINFORCE estimates.
     Returns ``(loss, logs, sample)`` where ``sample`` holds the sampled lengths and their rewards,
     log-probabilities and entropies (for logging; both objectives sample).
@@ -122,8 +120,9 @@ def table_policy_loss(policy, features: torch.Tensor, rewards: torch.Tensor, obj
     idx = dist.sample()
     log_prob, entropy = dist.log_prob(idx), dist.entropy()
     reward = rewards.gather(1, idx[:, None]).squeeze(1)
-    mean_idx = lengths_to_indices(round_to_grid(dist.probs.detach() @ grid.to(dist.probs.dtype), grid), grid)
-    baseline = rewards.gather(1, mean_idx[:, None]).squeeze(1)
+    mean_lengths = baseline_lengths(dist.probs.detach() @ grid.to(dist.probs.dtype), grid, reading)
+    mean_idx = lengths_to_indices(mean_lengths, grid)
+    baseline = pool_baseline(rewards.gather(1, mean_idx[:, None]).squeeze(1), reading)
     if objective == "reinforce":
         adv = relative_advantage(reward, baseline, mu, advantage)
         loss, logs = reinforce_loss(log_prob, adv, entropy, entropy_weight)

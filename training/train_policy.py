@@ -37,7 +37,8 @@ import torch
 
 from ..tokenizer import AdaTokModel
 from ..tokenizer.policy import lengths_to_indices
-from ..tokenizer.rewards import entropy_weight, reinforce_loss, relative_advantage
+from ..tokenizer.rewards import (BASELINE_READINGS, baseline_lengths, entropy_weight, pool_baseline, reinforce_loss,
+                                 relative_advantage)
 from .batches import ResumableBatchSampler
 from .data_setup import DataConfig, build_image_processor, build_train_data, epoch_batches
 from .distributed import assert_replicas_match, fill_bucket_sizes, half_precision_autocast, mean_over_ranks
@@ -49,8 +50,8 @@ from .reward_table import (OBJECTIVES, calibrate_dial, measure_shared, score_on_
 HISTORY_KEYS = ("reward", "entropy", "log_prob", "length_mean", "val_reward", "val_best_fixed_reward",
                 "val_search_reward", "val_oracle_reward")
 POLICY_FIELDS = ("policy_min_tokens", "policy_max_tokens", "policy_step", "policy_hidden_size", "policy_num_layers",
-                 "policy_dropout", "reward_kind", "reward_alpha", "reward_beta", "reward_gamma", "reward_rl_base",
-                 "search_threshold")
+                 "policy_dropout", "policy_image_statistics", "reward_kind", "reward_alpha", "reward_beta",
+                 "reward_gamma", "reward_rl_base", "search_threshold")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class PolicyTrainConfig(LoopConfig):
     weight_decay: float = 4e-5
     advantage: str = "relative"              # eq. 8 ("relative") or the plain baseline ("baseline")
     mu: float = 0.1                          # eq. 8
+    baseline_reading: str = "image"          # where eq. 8's R(L_mean) is measured: image | batch_length | batch_reward
     entropy_start: float = 0.05              # lambda(0) of eq. 9
     entropy_end: float = 0.0
     entropy_schedule: str = "linear"         # linear | cosine | exponential | constant
@@ -84,6 +86,8 @@ class PolicyTrainConfig(LoopConfig):
         if self.val_size and not self.reward_table:
             raise ValueError("train.val_size scores the policy on a held-out reward table: it needs "
                              "train.reward_table true")
+        if self.baseline_reading not in BASELINE_READINGS:
+            raise ValueError(f"train.baseline_reading must be one of {BASELINE_READINGS}, got {self.baseline_reading!r}")
         if self.table_chunk_size < 1:
             raise ValueError(f"train.table_chunk_size must be >= 1, got {self.table_chunk_size}")
         if not 0.0 < self.dial_confidence < 1.0:
@@ -162,7 +166,9 @@ class PolicyStage(Stage):
 
     def banner(self) -> str:
         tc, grid = self.cfg.train, self.grid
-        objective = f"{tc.advantage} advantage (mu={tc.mu})" if tc.objective == "reinforce" else "exact expected reward"
+        mu = f"mu={tc.mu}, " if tc.advantage == "relative" else ""
+        objective = (f"{tc.advantage} advantage ({mu}R(L_mean) per {tc.baseline_reading})"
+                     if tc.objective == "reinforce" else "exact expected reward")
         source = "online decodes"
         if self.table is not None:
             source = (f"reward table of {len(self.table)} images x {grid.numel()} lengths "
@@ -181,7 +187,7 @@ class PolicyStage(Stage):
             with half_precision_autocast(acc):
                 rewards = self.train_rewards[rows].to(features.device)
                 pg_loss, pg_logs, drawn = table_policy_loss(policy, features, rewards, tc.objective, tc.mu,
-                                                            tc.advantage, lam)
+                                                            tc.advantage, lam, tc.baseline_reading)
                 curve_loss = curve_head.curve_loss(features, grid.expand(rows.numel(), -1), measured_rl)
             lengths, log_prob, entropy = drawn["lengths"], drawn["log_prob"], drawn["entropy"]
             reward, baseline = drawn["reward"], drawn["baseline"]
@@ -244,10 +250,10 @@ def _online_step(model, policy, curve_head, x, spec, m, tc, lam, accelerator):
     grid = policy.grid
     with torch.no_grad():
         tokens, hidden, _, _ = model.forward_encoder(x)
-        features = model.policy_features(hidden)
+        features = model.policy_features(hidden, x)
     with half_precision_autocast(accelerator):   # heads in bf16 under a DeepSpeed bf16 engine
         lengths, log_prob, entropy = policy.sample(features)
-        mean_lengths = policy.rounded_expected_length(features)
+        mean_lengths = baseline_lengths(policy.expected_length(features), grid, tc.baseline_reading)
     with torch.no_grad():
         rl = mse_per_image(model.decode(tokens[:, : int(lengths.max())], lengths), x)
         rl_mean = mse_per_image(model.decode(tokens[:, : int(mean_lengths.max())], mean_lengths), x)
@@ -257,7 +263,7 @@ def _online_step(model, policy, curve_head, x, spec, m, tc, lam, accelerator):
             measured_l.append(extra)
             measured_rl.append(mse_per_image(model.decode(tokens[:, : int(extra.max())], extra), x))
     reward = spec(rl, lengths, m)
-    baseline = spec(rl_mean, mean_lengths, m)
+    baseline = pool_baseline(spec(rl_mean, mean_lengths, m), tc.baseline_reading)
     advantage = relative_advantage(reward, baseline, tc.mu, tc.advantage)
     pg_loss, pg_logs = reinforce_loss(log_prob, advantage, entropy, lam)
     with half_precision_autocast(accelerator):

@@ -12,9 +12,10 @@ optimizer, EMA, data position and RNG state.
 ``--data.latents CACHE`` (a folder written by ``adatok cache-latents``, checked against this run's VAE
 fingerprint, crop recipe and source images) feeds the encoder the cached VAE latents of the very crops
 and flips the pixel path would use, so a step runs no VAE encoder and the losses are the same step for
-step. With the pixel-space losses off (``loss.perceptual_weight``, ``gan_weight``, ``pixel_weight`` all 0)
-no pixel data is built at all (and no sample grids are drawn: they need images); with any of them on, the
-pixels are still read, as the targets of those losses, beside the latents.
+step. With the pixel-space losses off (``loss.reconstruction latent``; ``loss.perceptual_weight``,
+``gan_weight``, ``pixel_weight`` all 0) no pixel data is built at all (and no sample grids are drawn: they
+need images); with any of them on (the default ``loss.reconstruction pixel`` is one: eq. 5's L2 on the
+decoded image), the pixels are still read, as the targets of those losses, beside the latents.
 
 Under DeepSpeed ZeRO-2/3 (``--train.deepspeed configs/deepspeed/zero3.json``, or ``accelerate launch
 --config_file configs/accelerate/...``) the same loop runs unchanged: the tokenizer and its AdamW
@@ -63,18 +64,47 @@ from .loop import LoopConfig, Stage, main as run_main, rank_seed, run
 # =============================================================================================
 # config
 # =============================================================================================
+RECONSTRUCTION_LOSSES = ("pixel", "latent")
+
+
 @dataclass
 class LossConfig:
+    """Eq. 5, ``L_NTM = L_recon + lambda_p L_P + lambda_g L_G``, and the discriminator's settings.
+
+    ``reconstruction`` picks ``L_recon``: ``"pixel"`` (the paper's: "a pixel-level reconstruction loss (e.g.
+    L2)", the decoded image against the input, both scaled to [-1, 1]; through the frozen VAE decoder in a
+    VAE latent space) or ``"latent"`` (L2 between the predicted and the target latents: no VAE decoder, so a
+    latent-cached run builds no pixel data when the other pixel losses are off). In the pixel latent space the
+    latents *are* the image in [-1, 1], so the two are the same loss (computed once, bit for bit today's).
+    """
+
+    reconstruction: str = "pixel"            # L_recon (eq. 5): "pixel" (the paper) or "latent"
     perceptual_weight: float = 0.0           # lambda_p (eq. 5)
     perceptual_net: str = "vgg"
     gan_weight: float = 0.0                  # lambda_g (eq. 5)
-    pixel_weight: float = 0.0                # extra L2 on the decoded image (for a VAE latent space)
+    pixel_weight: float = 0.0                # an extra L2 on the decoded image in [0, 1], beside L_recon
     gan_start_step: int = 0
     adaptive_gan_weight: bool = True
     lecam_weight: float = 0.0
     disc_lr: float | None = None             # defaults to train.lr
     disc_base_channels: int = 64
     disc_num_layers: int = 3
+
+    def __post_init__(self):
+        if self.reconstruction not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"loss.reconstruction: expected one of {RECONSTRUCTION_LOSSES}, got {self.reconstruction!r}")
+
+
+def pixel_l2(reconstruction: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Eq. 5's pixel-level ``L_recon``: MSE of the decoded image against the input, both in [-1, 1] (the
+    units of the pixel latent space, where this equals the latent L2)."""
+    return torch.nn.functional.mse_loss(reconstruction.float() * 2.0 - 1.0, pixels.float() * 2.0 - 1.0)
+
+
+def uses_pixel_reconstruction(lc: LossConfig, model_config: AdaTokConfig) -> bool:
+    """Whether ``L_recon`` must decode to pixels: ``"pixel"`` outside the pixel latent space (inside it the
+    latent L2 the model computes is already the pixel L2)."""
+    return lc.reconstruction == "pixel" and model_config.latent_space != "pixel"
 
 
 @dataclass
@@ -109,7 +139,7 @@ class LastLayerInput:
 
 
 def replayed_adaptive_weight(accelerator, raw_model: AdaTokModel, loss_fn, h: torch.Tensor,
-                             target_latents: torch.Tensor, pixels: torch.Tensor, pixel_weight: float) -> float:
+                             target_latents: torch.Tensor, pixels: torch.Tensor, lc: LossConfig) -> float:
     """VQGAN's adaptive weight ``lambda_g * ||d nll/d w|| / ||d L_G/d w||`` for a DeepSpeed engine.
 
     ``torch.autograd.grad`` through an engine's outputs fires DeepSpeed's backward hooks (its
@@ -130,9 +160,10 @@ def replayed_adaptive_weight(accelerator, raw_model: AdaTokModel, loss_fn, h: to
     latents = unpatchify(torch.nn.functional.linear(h, w, b), c.patch_size, c.latent_channels,
                          c.latent_grid_size // c.patch_size)
     recon = raw_model.latent_space.decode(latents)
-    nll = torch.nn.functional.mse_loss(latents.float(), target_latents.detach().float())
-    if pixel_weight > 0:
-        nll = nll + pixel_weight * torch.nn.functional.mse_loss(recon.float(), pixels.float())
+    nll = (pixel_l2(recon, pixels) if uses_pixel_reconstruction(lc, c)
+           else torch.nn.functional.mse_loss(latents.float(), target_latents.detach().float()))
+    if lc.pixel_weight > 0:
+        nll = nll + lc.pixel_weight * torch.nn.functional.mse_loss(recon.float(), pixels.float())
     if loss_fn.perceptual is not None:
         nll = nll + loss_fn.perceptual_weight * loss_fn.perceptual(recon, pixels).mean()
     g_loss = hinge_g_loss(loss_fn._frozen_discriminator(recon))
@@ -171,7 +202,8 @@ class TokenizerStage(Stage):
         rank_seed(accelerator, tc.seed)
         # The latent cache (data.latents), opened before prepare: under ZeRO-3 the VAE weights would be shards.
         self.cache = open_latent_cache(cfg, self.model_config, model)
-        self.needs_pixels = lc.perceptual_weight > 0 or lc.gan_weight > 0 or lc.pixel_weight > 0
+        self.pixel_recon = uses_pixel_reconstruction(lc, self.model_config)
+        self.needs_pixels = lc.perceptual_weight > 0 or lc.gan_weight > 0 or lc.pixel_weight > 0 or self.pixel_recon
         self.data, self.preloaded = None, False
         if self.cache is None or self.needs_pixels:
             self.data, collate = build_train_data(cfg, self.model_config, allow_stream=True)
@@ -268,9 +300,12 @@ class TokenizerStage(Stage):
         lc, loss_fn, step = self.cfg.loss, self.loss_fn, state["step"]
         pixels, latents = batch
         out = self.model(pixels if latents is None else None, latents=latents,
-                         return_reconstruction=loss_fn is not None or lc.pixel_weight > 0)
+                         return_reconstruction=loss_fn is not None or lc.pixel_weight > 0 or self.pixel_recon)
         losses = {"recon_loss": out.recon_loss}
         loss = out.loss
+        if self.pixel_recon:   # eq. 5's pixel L2 replaces the latent L2 (logged as latent_loss)
+            losses["latent_loss"], losses["recon_loss"] = out.recon_loss, pixel_l2(out.reconstruction, pixels)
+            loss = losses["recon_loss"] + self.model_config.kl_weight * out.kl_loss
         if lc.pixel_weight > 0:
             losses["pixel_loss"] = torch.nn.functional.mse_loss(out.reconstruction.float(), pixels.float())
             loss = loss + lc.pixel_weight * losses["pixel_loss"]
@@ -278,7 +313,7 @@ class TokenizerStage(Stage):
             weight = None
             if self.last_layer_input is not None and loss_fn.gan_active(step):
                 weight = replayed_adaptive_weight(self.accelerator, self.raw, loss_fn, self.last_layer_input.h,
-                                                  out.target_latents, pixels, lc.pixel_weight)
+                                                  out.target_latents, pixels, lc)
             with fixed_gan_weight(loss_fn, weight):
                 loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, loss, step,
                                                     self.raw.last_layer_weight())
