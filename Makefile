@@ -11,7 +11,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/adatok-vlm/torch_extensions
 export PYTHONHASHSEED := 0
 
-.PHONY: setup test test-fast fuzz demo demo-fmnist demo-generate bench clean data
+.PHONY: setup test test-fast fuzz kill-trials demo demo-fmnist demo-generate bench rehearse clean data
 
 setup: $(STAMP) data
 
@@ -39,13 +39,23 @@ data:
 		echo "note: skipping$$missing (needs apt-get as root); tests that need them skip, the natural demo uses the bundled photos only"; \
 	fi
 
+# One pytest worker per core (pytest-xdist; each test runs single-threaded, tests/conftest.py), idle workers
+# stealing queued tests so the long multi-process tests do not leave a core waiting.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist worksteal tests
 
 # The full fuzzing run: 1,000 derandomized cases per public entry (make test runs a smaller share).
 fuzz: setup
 	mkdir -p outputs
 	ADATOK_FUZZ=full ADATOK_FUZZ_REPORT=outputs/fuzz_case_counts.json $(BIN)/python -m pytest -q tests/test_fuzz_inputs.py
+
+# The nightly multi-process kill trials: 5 SIGKILLs of each kind (one rank, the whole job, inside a checkpoint
+# write, a hung rank) of a 2-process ZeRO-2 run on CPU, each resumed to the uninterrupted run's weights; the seed
+# is printed (ADATOK_KILL_SEED=N repeats it), the trials saved to outputs/kill-trials/multiproc_kill_trials.json.
+# make test runs one trial (a rank killed inside a checkpoint write).
+kill-trials: setup
+	mkdir -p outputs
+	ADATOK_NIGHTLY=1 $(BIN)/python -m pytest -q -s tests/test_multiproc_faults.py --basetemp=outputs/kill-trials
 
 # Both demos train a fixed number of steps (configs/tokenizer/adatok-natural.yaml, configs/demo.yaml).
 demo: setup
@@ -56,6 +66,11 @@ demo-fmnist: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+# The whole paper pipeline at adatok-s on real 256x256 photos, a few steps per stage under 2-process
+# DeepSpeed ZeRO-2 on CPU (training/rehearse.py); writes outputs/rehearse/summary.{json,md}.
+rehearse: setup
+	$(BIN)/python -m adatok_vlm.training.rehearse --output_dir outputs/rehearse
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs

@@ -58,6 +58,7 @@ setup(
         "dev": [
             "pytest>=8.0",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "build>=1.2",
             "wheel>=0.43",

@@ -20,9 +20,16 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .generator.flow_matching import TIME_DISTRIBUTIONS
 from .tokenizer import AdaTokConfig
 
 IMAGE_MODES = ("continuous", "discrete")
+# Which way the flow head's time runs. "data_to_noise" is the generator's (t = 0 data, t = 1 noise) and the
+# only one the head computes with; "noise_to_data" marks a folder saved before issue 18 (its config.json has
+# no flow_time_convention), whose head weights AdaTokVLMForCausalLM.from_pretrained converts on load
+# (FlowHead.adopt_noise_to_data_time_) before setting the field to "data_to_noise".
+DATA_TO_NOISE, NOISE_TO_DATA = "data_to_noise", "noise_to_data"
+FLOW_TIME_CONVENTIONS = (DATA_TO_NOISE, NOISE_TO_DATA)
 BOI_TOKEN, IMG_TOKEN, EOI_TOKEN = "[BOI]", "[IMG]", "[EOI]"
 # Written beside an exported VLM by train_vlm and read by the samplers: the prompt layout of training (templates,
 # add_bos, class names and captions) plus the run's direction, steps and tokenizer, as one flat JSON object. Not
@@ -60,6 +67,9 @@ class AdaTokVLMConfig(PretrainedConfig):
         num_flow_steps (`int`): Euler steps when sampling an image token.
         flow_batch_mul (`int`): noise/time draws per image position in training (MAR's ``diffusion_batch_mul``).
         flow_time_sampling (`str`): ``"uniform"`` or ``"logit_normal"`` training times ``t``.
+        flow_time_convention (`str`): ``"data_to_noise"`` (the generator's; always, for a new model) or
+            ``"noise_to_data"``, set only when loading a config saved before the head adopted it (see
+            ``FLOW_TIME_CONVENTIONS``).
         flow_temperature (`float`): default sampling temperature (scale of the initial noise).
         flow_cfg_scale (`float`): default classifier-free guidance scale (1.0: off).
         text_loss_weight / image_loss_weight / stop_loss_weight (`float`): weights of the text CE, the
@@ -92,6 +102,7 @@ class AdaTokVLMConfig(PretrainedConfig):
     num_flow_steps: int = 25
     flow_batch_mul: int = 4
     flow_time_sampling: str = "uniform"
+    flow_time_convention: str = DATA_TO_NOISE
     flow_temperature: float = 1.0
     flow_cfg_scale: float = 1.0
     text_loss_weight: float = 1.0
@@ -110,6 +121,14 @@ class AdaTokVLMConfig(PretrainedConfig):
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoConfig"):
         """No-op: the class lives in the installed package (see ``AdaTokVLMForCausalLM.register_for_auto_class``)."""
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """``PretrainedConfig.from_dict`` (what ``from_pretrained`` reads a ``config.json`` with); a saved config
+        without ``flow_time_convention`` predates it and gets ``"noise_to_data"``, the time its head was trained in."""
+        if "flow_time_convention" not in config_dict:
+            config_dict = {**config_dict, "flow_time_convention": NOISE_TO_DATA}
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -132,9 +151,12 @@ class AdaTokVLMConfig(PretrainedConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"AdaTokVLMConfig.{name} must be None or a positive int, got {value!r}")
-        if self.flow_time_sampling not in ("uniform", "logit_normal"):
-            raise ValueError("AdaTokVLMConfig.flow_time_sampling must be 'uniform' or 'logit_normal', "
+        if self.flow_time_sampling not in TIME_DISTRIBUTIONS:
+            raise ValueError(f"AdaTokVLMConfig.flow_time_sampling must be one of {TIME_DISTRIBUTIONS}, "
                              f"got {self.flow_time_sampling!r}")
+        if self.flow_time_convention not in FLOW_TIME_CONVENTIONS:
+            raise ValueError(f"AdaTokVLMConfig.flow_time_convention must be one of {FLOW_TIME_CONVENTIONS}, "
+                             f"got {self.flow_time_convention!r}")
         for name in ("text_loss_weight", "image_loss_weight", "stop_loss_weight"):
             if not float(getattr(self, name)) >= 0.0:
                 raise ValueError(f"AdaTokVLMConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -176,5 +198,18 @@ class AdaTokVLMConfig(PretrainedConfig):
         return self.tokenizer_config.num_latent_tokens
 
 
-__all__ = ["AdaTokVLMConfig", "IMAGE_MODES", "BOI_TOKEN", "IMG_TOKEN", "EOI_TOKEN", "VLM_TRAINING_INFO",
+# ============================================================================================
+# presets
+# ============================================================================================
+# The VLM family's named LMs: random causal LMs for tests and smoke runs (hidden 64, 2 layers), built from a
+# config by train_vlm's ``lm.preset`` (``lm.config`` overrides any field; the vocabulary is the text tokenizer's).
+# A real LM is a local folder (``lm.path``), not a preset. The README's "Presets" table is checked against this.
+LM_PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
+}
+
+
+__all__ = ["AdaTokVLMConfig", "LM_PRESETS", "IMAGE_MODES", "FLOW_TIME_CONVENTIONS", "DATA_TO_NOISE", "NOISE_TO_DATA", "BOI_TOKEN", "IMG_TOKEN", "EOI_TOKEN", "VLM_TRAINING_INFO",
            "check_image_token_strings"]

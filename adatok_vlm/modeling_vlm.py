@@ -40,8 +40,10 @@ from transformers.utils import ModelOutput
 
 from .configuration_vlm import (
     BOI_TOKEN,
+    DATA_TO_NOISE,
     EOI_TOKEN,
     IMG_TOKEN,
+    NOISE_TO_DATA,
     VLM_TRAINING_INFO,
     AdaTokVLMConfig,
     check_image_token_strings,
@@ -245,6 +247,10 @@ class AdaTokVLMForCausalLM(AdaTokVLMPreTrainedModel, AdaTokVLMGenerationMixin):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
         model.adatok.requires_grad_(False)  # loading re-creates parameters; AdaTok stays frozen
+        if model.config.flow_time_convention == NOISE_TO_DATA:   # saved before issue 18: convert the head once
+            if model.image_head is not None:
+                model.image_head.adopt_noise_to_data_time_()      # exact: v_new(x, t) = -v_old(x, 1 - t)
+            model.config.flow_time_convention = DATA_TO_NOISE
         return loaded
 
     # ------------------------------------------------------------------ saving

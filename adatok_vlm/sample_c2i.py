@@ -1,15 +1,16 @@
 """Class-to-image sampling with a trained DiT and its AdaTok: PNGs, a class grid, a length histogram, an .npz.
 
     adatok sample-c2i --dit outputs/dit/model --tokenizer outputs/demo/model \
-        --classes all --per-class 8 --cfg-scale 4.0 --num-steps 50 --seed 0 --out outputs/samples
-    accelerate launch -m adatok_vlm.sample_c2i --dit ... --classes all --per-class 50 --out ...
+        --classes all --per_class 8 --cfg_scale 4.0 --num_steps 50 --seed 0 --out outputs/samples
+    accelerate launch -m adatok_vlm.sample_c2i --dit ... --classes all --per_class 50 --out ...
+    adatok sample-c2i --generator ar --model VLM_DIR --classes all --per_class 8 --out DIR   (a VLM instead)
 
 For each requested class the DiT draws a token count from the class's training length histogram
 (``p(L | y)``, stored in its config), generates that many tokens with classifier-free guidance, and
 the tokenizer decodes them. ``--out`` receives
 
 * ``images/NNNNNN_cCCCC.png``: every sample (``N`` its global index, ``C`` its class);
-* ``grid.png``: one row per class (the first ``--grid-classes`` classes, at most ``--grid-per-class``
+* ``grid.png``: one row per class (the first ``--grid_classes`` classes, at most ``--grid_per_class``
   samples each), named from the DiT config's ``id2label`` when it has names;
 * ``lengths_hist.png``: the generated token counts against the training distribution;
 * ``samples_NxHxWx3.npz``: ADM's evaluation format, ``arr_0`` uint8 ``[N, H, W, 3]`` (NHWC), with
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +41,7 @@ from PIL import Image
 
 from .generator.configuration_dit import class_names_from_config
 from .tokenizer.loading import model_fingerprint
+from .training.flags import FlagParser
 from .training.visualize import class_grid, length_histogram, to_uint8
 
 RANK_SEED_STRIDE = 100_003
@@ -115,12 +118,12 @@ def sample(args: argparse.Namespace) -> dict:
     pipe = ClassToImagePipeline(dit, adatok)
     num_tokens = args.num_tokens
     if num_tokens is None and dit.config.length_histograms is None:
-        raise ValueError(f"{dit_dir} stores no length histograms; pass --num-tokens N")
+        raise ValueError(f"{dit_dir} stores no length histograms; pass --num_tokens N")
     classes = parse_classes(args.classes, dit.config.num_classes)
     if args.per_class < 1:
-        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+        raise ValueError(f"--per_class must be >= 1, got {args.per_class}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     items = [c for c in classes for _ in range(args.per_class)]              # class-major order
     mine = list(range(rank, len(items), world))
     generator = torch.Generator(state.device).manual_seed(args.seed + RANK_SEED_STRIDE * rank)
@@ -194,26 +197,43 @@ def sample(args: argparse.Namespace) -> dict:
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adatok sample-c2i", description=__doc__.split("\n\n")[0])
+def build_parser() -> FlagParser:
+    from .sample_t2i import build_c2i_parser
+
+    ar = build_c2i_parser()
+    names = ", ".join("/".join(a.option_strings) for a in ar._actions if a.option_strings and a.dest != "help")
+    old = ", ".join(sorted(ar.old_spellings()))
+    p = FlagParser(prog="adatok sample-c2i", description=__doc__.split("\n\n")[0],
+                   epilog=f"with --generator ar (an autoregressive VLM instead of a DiT) the options are {names} "
+                          f"(old spellings {old}); adatok sample-c2i --generator ar --help describes them")
+    p.add_argument("--generator", default="dit", choices=["dit", "ar"],
+                   help="dit: a DiT and its AdaTok (the options below); ar: a VLM (--model DIR, see the end)")
     p.add_argument("--dit", required=True, help="a trained AdaTokDiT folder (train_dit's <output_dir>/model)")
     p.add_argument("--tokenizer", default=None,
                    help="the AdaTok folder that decodes the tokens (default: the one the DiT's token cache names)")
     p.add_argument("--classes", default="all", help="'all' or class ids: 0,1,2 or 3-7")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--num-steps", type=int, default=50, help="flow integration steps")
+    p.add_argument("--per_class", type=int, default=8, help="samples per class")
+    p.add_argument("--cfg_scale", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--num_steps", type=int, default=50, help="flow integration steps")
     p.add_argument("--sampler", default="euler", choices=["euler", "heun"])
-    p.add_argument("--num-tokens", type=int, default=None, help="a fixed token count (default: the class histogram)")
+    p.add_argument("--num_tokens", type=int, default=None, help="a fixed token count (default: the class histogram)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="samples per DiT call, per process")
-    p.add_argument("--grid-classes", type=int, default=16, help="rows of grid.png (classes)")
-    p.add_argument("--grid-per-class", type=int, default=16, help="columns of grid.png (samples per class)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per DiT call, per process")
+    p.add_argument("--grid_classes", type=int, default=16, help="rows of grid.png (classes)")
+    p.add_argument("--grid_per_class", type=int, default=16, help="columns of grid.png (samples per class)")
     p.add_argument("--out", required=True, help="output folder")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """``--generator ar`` hands the arguments to the VLM's class-conditional sampler; otherwise a DiT samples."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    generator = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--generator"),
+                     next((a.split("=", 1)[1] for a in argv if a.startswith("--generator=")), "dit"))
+    if generator == "ar":
+        from .sample_t2i import c2i_main
+
+        return c2i_main(argv)
     return sample(build_parser().parse_args(argv))
 
 

@@ -1,16 +1,16 @@
 """Text-to-image (and class-to-image) sampling with a trained AdaTok VLM: PNGs, grids, token counts.
 
     adatok sample-t2i --model outputs/vlm-smollm2/model --prompt "a sneaker" --prompt "a bag" \
-        --num-images 4 --seed 0 --out outputs/t2i
-    adatok sample-t2i --model outputs/vlm-smollm2/model --classes all --num-images 8 --out outputs/c2i-ar
-    adatok sample-c2i --generator ar --model outputs/vlm-smollm2/model --classes all --per-class 8 --out DIR
+        --num_images 4 --seed 0 --out outputs/t2i
+    adatok sample-t2i --model outputs/vlm-smollm2/model --classes all --num_images 8 --out outputs/c2i-ar
+    adatok sample-c2i --generator ar --model outputs/vlm-smollm2/model --classes all --per_class 8 --out DIR
 
 Each prompt is laid out exactly as in training (``vlm_training.json`` beside the model holds the template
 and whether BOS comes first; :func:`~adatok_vlm.vlm_data.prompt_ids`), continued with ``[BOI]``, and the LM
 writes image tokens through its flow head until it emits ``[EOI]`` (the length it learned from the
-policy, paper Sec. 4.2; ``--min/max-image-tokens`` bound it, ``--num-image-tokens`` forces it); AdaTok
+policy, paper Sec. 4.2; ``--min/max_image_tokens`` bound it, ``--num_image_tokens`` forces it); AdaTok
 decodes them. Class-conditional AR generation is the same model with the class names' captions as
-prompts (``--classes all``, ``--classes 0,7`` or ``--classes Sneaker,Bag``). ``--cfg`` > 1 guides with
+prompts (``--classes all``, ``--classes 0,7`` or ``--classes Sneaker,Bag``). ``--cfg_scale`` > 1 guides with
 the empty prompt (the model saw dropped prompts in training). ``--out`` receives
 
 * ``images/PPP_slug_KKK.png``: every image (``P`` the prompt's index, ``K`` the sample), and with
@@ -23,7 +23,6 @@ Each image's token count is printed as it is written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from .configuration_vlm import VLM_TRAINING_INFO
+from .training.flags import FlagParser
 from .vlm_data import DEFAULT_TEMPLATES, left_pad, prompt_ids
 
 
@@ -119,8 +119,8 @@ def sample(args: argparse.Namespace) -> dict:
     for start in range(0, len(rows), args.batch_size):
         chunk = rows[start:start + args.batch_size]
         ids, mask = left_pad([prompt_ids(tok, prompts[p], template, add_bos) for p, _ in chunk], pad)
-        enc = vlm.generate_images(ids.to(device), mask.to(device), num_flow_steps=args.steps,
-                                  temperature=args.temperature, cfg_scale=args.cfg, generator=generator,
+        enc = vlm.generate_images(ids.to(device), mask.to(device), num_flow_steps=args.num_steps,
+                                  temperature=args.temperature, cfg_scale=args.cfg_scale, generator=generator,
                                   do_sample=args.sample_stop, **{k: v for k, v in bounds.items() if v is not None})
         images = processor.decode_images(enc)
         for (p, k), image, length in zip(chunk, images, enc.lengths.tolist()):
@@ -149,24 +149,26 @@ def sample(args: argparse.Namespace) -> dict:
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adatok sample-t2i", description=__doc__.split("\n\n")[0])
+def build_parser() -> FlagParser:
+    p = FlagParser(prog="adatok sample-t2i", description=__doc__.split("\n\n")[0],
+                   renamed={"--cfg": "--cfg_scale", "--steps": "--num_steps"})
     p.add_argument("--model", required=True, help="a train_vlm export (<output_dir>/model)")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for several)")
     p.add_argument("--classes", default=None,
                    help="'all', class ids '0,7' or names 'Sneaker,Bag': the classes' training captions as prompts")
     p.add_argument("--out", default="outputs/t2i", help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt (per class)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1: off; default: config)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps of the flow head (default: config)")
+    p.add_argument("--num_images", type=int, default=4, help="images per prompt (per class)")
+    p.add_argument("--cfg_scale", type=float, default=None,
+                   help="classifier-free guidance scale (1: off; default: config)")
+    p.add_argument("--num_steps", type=int, default=None, help="Euler steps of the flow head (default: config)")
     p.add_argument("--temperature", type=float, default=None, help="flow-head noise scale (default: config)")
-    p.add_argument("--min-image-tokens", type=int, default=None, help="no [EOI] before this many tokens")
-    p.add_argument("--max-image-tokens", type=int, default=None, help="[EOI] forced at this many tokens")
-    p.add_argument("--num-image-tokens", type=int, default=None, help="an exact length instead of the LM's choice")
-    p.add_argument("--sample-stop", action="store_true",
+    p.add_argument("--min_image_tokens", type=int, default=None, help="no [EOI] before this many tokens")
+    p.add_argument("--max_image_tokens", type=int, default=None, help="[EOI] forced at this many tokens")
+    p.add_argument("--num_image_tokens", type=int, default=None, help="an exact length instead of the LM's choice")
+    p.add_argument("--sample_stop", action="store_true",
                    help="sample the [EOI] decision instead of taking the likelier option")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="auto")
     return p
 
@@ -174,31 +176,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.num_images < 1 or args.batch_size < 1:
-        raise SystemExit("--num-images and --batch-size must be >= 1")
+        raise SystemExit("--num_images and --batch_size must be >= 1")
     return sample(args)
+
+
+def build_c2i_parser() -> FlagParser:
+    """``adatok sample-c2i --generator ar``'s options: sample-c2i's names for class-conditional AR sampling."""
+    p = FlagParser(prog="adatok sample-c2i --generator ar",
+                   description="Class-conditional generation by a VLM (autoregressive, the flow head).")
+    p.add_argument("--generator", choices=["ar"], default="ar", help="ar: an autoregressive VLM")
+    p.add_argument("--model", "--vlm", dest="model", required=True, help="a train_vlm export (<output_dir>/model)")
+    p.add_argument("--classes", default="all", help="'all', class ids '0,7' or names 'Sneaker,Bag'")
+    p.add_argument("--per_class", type=int, default=8, help="images per class")
+    p.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale (default: config)")
+    p.add_argument("--num_steps", type=int, default=None, help="Euler steps of the flow head (default: config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/c2i-ar", help="output folder")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    return p
 
 
 def c2i_main(argv: list[str] | None = None) -> dict:
     """``adatok sample-c2i --generator ar``: class-conditional AR generation by a VLM, in sample-c2i's words
-    (``--model/--vlm DIR --classes all --per-class N --cfg-scale S --num-steps K --seed --out``)."""
-    p = argparse.ArgumentParser(prog="adatok sample-c2i --generator ar")
-    p.add_argument("--generator", choices=["ar"], default="ar")
-    p.add_argument("--model", "--vlm", dest="model", required=True)
-    p.add_argument("--classes", default="all")
-    p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--cfg-scale", type=float, default=None)
-    p.add_argument("--num-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/c2i-ar")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    a = p.parse_args(argv)
-    argv_t2i = ["--model", a.model, "--classes", a.classes, "--num-images", str(a.per_class), "--seed", str(a.seed),
-                "--out", a.out, "--batch-size", str(a.batch_size), "--device", a.device]
+    (``--model/--vlm DIR --classes all --per_class N --cfg_scale S --num_steps K --seed --out``)."""
+    a = build_c2i_parser().parse_args(argv)
+    argv_t2i = ["--model", a.model, "--classes", a.classes, "--num_images", str(a.per_class), "--seed", str(a.seed),
+                "--out", a.out, "--batch_size", str(a.batch_size), "--device", a.device]
     if a.cfg_scale is not None:
-        argv_t2i += ["--cfg", str(a.cfg_scale)]
+        argv_t2i += ["--cfg_scale", str(a.cfg_scale)]
     if a.num_steps is not None:
-        argv_t2i += ["--steps", str(a.num_steps)]
+        argv_t2i += ["--num_steps", str(a.num_steps)]
     return main(argv_t2i)
 
 

@@ -23,6 +23,8 @@ it both reads images, ``<image>a sneaker``, and writes them, ``a sneaker<image>`
         --out benchmarks/results/vlm_understanding.json            # + .md beside it
 
 ``--vlm`` may be repeated (``--name`` once per model, in order): each model is one block of rows.
+``--merge A.json B.json --out C.json`` combines earlier runs (same data settings) into one file, so models
+trained at different times can be measured as each becomes ready; the markdown lists each run's command.
 """
 
 from __future__ import annotations
@@ -292,13 +294,59 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("note"):
         lines += [result["note"], ""]
-    lines += [f"Command: `{result['command']}`", ""]
+    commands = result.get("commands", [result["command"]])
+    lines += [f"Command{'s' if len(commands) > 1 else ''}: " + "; ".join(f"`{c}`" for c in commands), ""]
     return "\n".join(lines)
+
+
+# the fields two runs must share to be merged into one table
+MERGE_KEYS = ("dataset", "split", "num_images", "per_class", "device", "threads", "clock", "seed")
+
+
+def merge_results(results: list[dict], note: str = "") -> dict:
+    """One result from several runs' JSON (each with its ``models``): the models in order, each run's command.
+
+    Raises ValueError when the runs differ in a data or measurement setting (``MERGE_KEYS``): their rows would
+    not be comparable side by side.
+    """
+    if not results:
+        raise ValueError("merge_results: expected at least one result, got none")
+    first = results[0]
+    for r in results[1:]:
+        differ = {k: (first.get(k), r.get(k)) for k in MERGE_KEYS if first.get(k) != r.get(k)}
+        if differ:
+            raise ValueError(f"--merge: the runs differ in {differ}; merge only runs with the same settings")
+    commands = [c for r in results for c in r.get("commands", [r["command"]])]
+    merged = {**first, "models": [m for r in results for m in r["models"]], "commands": commands,
+              "command": commands[0], "note": note or first.get("note", "")}
+    return merged
+
+
+def _standard_json(value):
+    """``value`` with every non-finite float (an undefined Spearman) as ``None``: ``json.dumps`` would write a bare
+    ``NaN``, which is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _standard_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_standard_json(v) for v in value]
+    return value
+
+
+def write_result(result: dict, out: Path) -> None:
+    """``out`` (JSON, non-finite numbers as null) and the markdown beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_standard_json(result), indent=2, default=str, allow_nan=False) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--vlm", action="append", required=True, help="a train_vlm export (<output_dir>/model); repeat")
+    p.add_argument("--vlm", action="append", default=[], help="a train_vlm export (<output_dir>/model); repeat")
+    p.add_argument("--merge", nargs="+", default=[], help="earlier runs' JSON files to combine into --out "
+                                                          "(instead of --vlm)")
     p.add_argument("--name", action="append", default=[], help="a row name per --vlm")
     p.add_argument("--out", default="outputs/bench/vlm_understanding.json", help="JSON file; the .md goes beside it")
     p.add_argument("--dataset", default="fashion_mnist")
@@ -319,6 +367,14 @@ def main(argv=None) -> dict:
     import sys
 
     args = parse_args(argv)
+    if bool(args.vlm) == bool(args.merge):
+        raise SystemExit("give either --vlm (one or more models to measure) or --merge (earlier JSON results)")
+    if args.merge:
+        result = merge_results([json.loads(Path(f).read_text()) for f in args.merge], note=args.note)
+        result["commands"].append(f"python benchmarks/vlm_understanding.py --merge {' '.join(args.merge)} --out "
+                                  f"{args.out}" + (" --note NOTE (the note above)" if args.note else ""))
+        write_result(result, Path(args.out))
+        return result
     if args.name and len(args.name) != len(args.vlm):
         raise SystemExit("--name: give one per --vlm, or none")
     torch.set_num_threads(args.threads)
@@ -331,12 +387,7 @@ def main(argv=None) -> dict:
               "clock": CPU_CLOCK_NOTE if clock_name == "cpu" else "wall", "platform": platform.platform(),
               "torch": torch.__version__, "seed": args.seed, "note": args.note, "models": models,
               "command": "python benchmarks/vlm_understanding.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v)
-                              else str(v)) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_result(result, Path(args.out))
     return result
 
 

@@ -32,13 +32,16 @@ from .collator import LengthGroupedBatchSampler, VarLenCollator, padding_fractio
 from .configuration_dit import DIT_PRESETS, AdaTokDiTConfig
 from .flow_matching import (
     FlowMatchingOutput,
+    cfg_mix,
     drop_class_labels,
     flow_matching_loss,
     guided_velocity,
+    integrate,
     interpolate,
     masked_mse,
     sample_flow,
     sample_timesteps,
+    velocity_target,
 )
 from .length_sampler import LengthSampler
 from .modeling_dit import AdaTokDiT, AdaTokDiTPreTrainedModel, RunningTokenStats
@@ -57,12 +60,15 @@ __all__ = [
     "LengthSampler",
     "RunningTokenStats",
     "VarLenCollator",
+    "cfg_mix",
     "drop_class_labels",
     "flow_matching_loss",
     "guided_velocity",
+    "integrate",
     "interpolate",
     "masked_mse",
     "padding_fraction",
     "sample_flow",
     "sample_timesteps",
+    "velocity_target",
 ]

@@ -71,9 +71,15 @@ def drop_class_labels(class_labels: torch.Tensor, null_class: int, prob: float,
 # objective
 # ============================================================================================
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x_t = (1 - t) * x0 + t * noise`` for ``x0, noise [B, L, D]`` and ``t [B]``."""
-    t = t.to(x0.dtype)[:, None, None]
+    """``x_t = (1 - t) * x0 + t * noise`` for ``x0, noise [B, ...]`` (``[B, L, D]`` sequences, ``[N, D]``
+    single tokens) and ``t [B]``."""
+    t = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
     return (1.0 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity ``dx_t / dt = noise - x0`` the model learns to predict."""
+    return noise - x0
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -136,7 +142,7 @@ def flow_matching_loss(model: ModelFn, tokens: torch.Tensor, lengths: torch.Tens
         timesteps = sample_timesteps(b, time_distribution, logit_mean, logit_std, generator, tokens.device)
     labels = drop_class_labels(class_labels, null_class, class_dropout_prob, generator)
     x_t = interpolate(x0, noise, timesteps)                               # [B, L, D]
-    target = noise - x0                                                   # [B, L, D]
+    target = velocity_target(x0, noise)                                   # [B, L, D]
     prediction = model(x_t, timesteps, labels, lengths)                   # [B, L, D]
     loss = masked_mse(prediction, target, lengths)
     return FlowMatchingOutput(loss=loss, timesteps=timesteps, class_labels=labels, noisy_tokens=x_t,
@@ -163,6 +169,11 @@ def check_guidance(cfg_scale, guidance_interval) -> tuple[float, tuple[float, fl
     return float(cfg_scale), (lo, hi)
 
 
+def cfg_mix(v_cond: torch.Tensor, v_null: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``v = v_null + cfg_scale * (v_cond - v_null)`` on every channel."""
+    return v_null + cfg_scale * (v_cond - v_null)
+
+
 def guided_velocity(model: ModelFn, x: torch.Tensor, t: float, class_labels: torch.Tensor, lengths: torch.Tensor,
                     *, null_class: int, cfg_scale: float = 1.0,
                     guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
@@ -180,13 +191,35 @@ def guided_velocity(model: ModelFn, x: torch.Tensor, t: float, class_labels: tor
     null = torch.full_like(class_labels, null_class)
     v = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([class_labels, null]),
               torch.cat([lengths, lengths])).float()
-    v_cond, v_null = v[:b], v[b:]
-    return v_null + cfg_scale * (v_cond - v_null)
+    return cfg_mix(v[:b], v[b:], cfg_scale)
 
 
 def time_grid(num_steps: int, device=None) -> torch.Tensor:
     """``num_steps + 1`` uniformly spaced times from 1 (noise) to 0 (data)."""
     return torch.linspace(1.0, 0.0, num_steps + 1, device=device, dtype=torch.float64)
+
+
+def integrate(velocity: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, num_steps: int,
+              sampler: str = "euler", progress: bool = False) -> torch.Tensor:
+    """Solve ``dx/dt = velocity(x, t)`` from ``t = 1`` (``x``, noise) down to ``t = 0`` (data) on
+    :func:`time_grid`: ``"euler"`` calls ``velocity`` ``num_steps`` times, ``"heun"`` ``2 * num_steps``.
+
+    The one ODE solver of the project: :func:`sample_flow` (the DiT) and the VLM's flow head
+    (:mod:`adatok_vlm.flow_head`, one token per row, ``x [N, D]``) both integrate through it.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    times = time_grid(num_steps).tolist()
+    for i in tqdm(range(num_steps), desc=f"{sampler} sampling", disable=not progress, leave=False):
+        t, t_next = times[i], times[i + 1]
+        dt = t_next - t                                                   # negative: towards data
+        d = velocity(x, t)
+        if sampler == "euler":
+            x = x + dt * d
+        else:
+            x_pred = x + dt * d
+            x = x + dt * 0.5 * (d + velocity(x_pred, t_next))
+    return x
 
 
 @torch.no_grad()
@@ -206,20 +239,10 @@ def sample_flow(model: ModelFn, noise: torch.Tensor, class_labels: torch.Tensor,
     cfg_scale, guidance_interval = check_guidance(cfg_scale, guidance_interval)
     valid = token_mask(lengths, noise.shape[1])[..., None]                # [B, L, 1]
     x = torch.where(valid, noise.float(), 0.0)
-    times = time_grid(num_steps).tolist()
 
     def velocity(x_: torch.Tensor, t: float) -> torch.Tensor:
         v = guided_velocity(model, x_, t, class_labels, lengths, null_class=null_class, cfg_scale=cfg_scale,
                             guidance_interval=guidance_interval)
         return torch.where(valid, v, 0.0)
 
-    for i in tqdm(range(num_steps), desc=f"{sampler} sampling", disable=not progress, leave=False):
-        t, t_next = times[i], times[i + 1]
-        dt = t_next - t                                                   # negative: towards data
-        d = velocity(x, t)
-        if sampler == "euler":
-            x = x + dt * d
-        else:
-            x_pred = x + dt * d
-            x = x + dt * 0.5 * (d + velocity(x_pred, t_next))
-    return x
+    return integrate(velocity, x, num_steps, sampler, progress)

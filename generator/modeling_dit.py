@@ -53,8 +53,10 @@ def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 100
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: ``x [B, L, H] * (1 + scale [B, H]) + shift [B, H]``."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: ``x [B, ..., H] * (1 + scale [B, H]) + shift [B, H]``, broadcast over the middle axes (the
+    DiT's ``[B, L, H]`` sequences, the VLM flow head's ``[N, H]`` single tokens)."""
+    view = (shift.shape[0],) + (1,) * (x.dim() - 2) + (shift.shape[-1],)
+    return x * (1 + scale.view(view)) + shift.view(view)
 
 
 def _tag(linear: nn.Linear, how: str) -> nn.Linear:

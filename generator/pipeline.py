@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..tokenizer.image_processing_adatok import to_uint8
 from .modeling_dit import AdaTokDiT
 
 OUTPUT_TYPES = ("pil", "pt")
@@ -52,8 +53,7 @@ class ClassToImageOutput:
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """``[B, 3, H, W]`` floats in [0, 1] -> RGB PIL images."""
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]
+    return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 class ClassToImagePipeline:

@@ -276,7 +276,7 @@ def test_fid_inception_loads_weights_strictly_and_extracts_pool3(inception_files
 def test_fid_inception_refuses_missing_or_wrong_weights(tmp_path, inception_files):
     with pytest.raises(FileNotFoundError) as info:
         InceptionV3Features(tmp_path / "nope.pth")
-    assert FID_WEIGHTS_URL in str(info.value) and "--inception-weights" in str(info.value)
+    assert FID_WEIGHTS_URL in str(info.value) and "--inception_weights" in str(info.value)
     state = _random_state_dict(with_counters=False)
     del state["Mixed_6b.branch7x7_2.conv.weight"]
     save_file(state, str(tmp_path / "partial.safetensors"))

@@ -355,8 +355,8 @@ def test_cli_gfid_with_the_fid_inception_reports_fid_is_and_precision_recall(tmp
     ref = _write_reference(tmp_path / "VIRTUAL_tiny.npz", ref_images, mu, sigma)
     out = tmp_path / "gen"
     report = main(["--samples", str(export_npz(samples, tmp_path / "samples.npz")), "--reference", str(ref),
-                   "--inception-weights", str(weights), "--batch-size", "4", "--is-splits", "2", "--device", "cpu",
-                   "--no-progress", "--out", str(out)])
+                   "--inception_weights", str(weights), "--batch_size", "4", "--is_splits", "2", "--device", "cpu",
+                   "--no_progress", "--out", str(out)])
     details = report["generation"]["details"]["fid"]
     feats = _direct(inception, samples)
     assert report["generation"]["fid"] == pytest.approx(closed_form(*_moments(feats), mu, sigma), rel=1e-5)
@@ -380,7 +380,7 @@ def test_cli_gfd_vgg16_is_the_labelled_offline_stand_in(tmp_path, adatok_cache, 
     rng = np.random.default_rng(3)
     ref = _write_reference(tmp_path / "adm_ref.npz", ref_images, rng.normal(size=2048), np.eye(2048))
     report = main(["--samples", str(export_npz(samples, tmp_path / "s.npz")), "--reference", str(ref),
-                   "--metrics", "fd_vgg16,pr", "--vgg-resize", "none", "--device", "cpu", "--no-progress"])
+                   "--metrics", "fd_vgg16,pr", "--vgg_resize", "none", "--device", "cpu", "--no_progress"])
     printed = capsys.readouterr().out
     vgg = build_feature_extractor("fd_vgg16", vgg_resize=None)
     feats, ref_feats = _direct(vgg, samples), _direct(vgg, ref_images)
@@ -415,10 +415,10 @@ def test_streamed_split_measures_what_the_preloaded_split_measures(tmp_path, ada
     model = tiny_model(num_latent_tokens=8)
     model.save_pretrained(tmp_path / "model")
     common = ["--model", str(tmp_path / "model"), "--data", "natural_crops", "--split", "test", "--limit", "6",
-              "--lengths", "2,8", "--metrics", "rmse,fd_vgg16", "--vgg-resize", "none", "--batch-size", "4",
-              "--device", "cpu", "--no-progress", "--grid-images", "2"]
+              "--lengths", "2,8", "--metrics", "rmse,fd_vgg16", "--vgg_resize", "none", "--batch_size", "4",
+              "--device", "cpu", "--no_progress", "--grid_images", "2"]
     preloaded = main([*common, "--out", str(tmp_path / "a")])
-    streamed = main([*common, "--out", str(tmp_path / "b"), "--preload", "false", "--num-workers", "0"])
+    streamed = main([*common, "--out", str(tmp_path / "b"), "--preload", "false", "--num_workers", "0"])
     assert preloaded["preloaded"] and not streamed["preloaded"]
     assert streamed["num_images"] == preloaded["num_images"] == 6
     for a, b in zip(preloaded["rows"], streamed["rows"]):

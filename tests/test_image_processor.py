@@ -350,3 +350,21 @@ def test_a_truncated_png_names_the_image_and_the_cause(tmp_path, cut):
     good = Image.fromarray(_random_rgb(40, 40))
     with pytest.raises(ValueError, match=r"images\[1\]: the image data cannot be decoded \(OSError: .*truncated"):
         AdaTokImageProcessor(size=32)([good, Image.open(truncated)], return_tensors="pt")
+
+
+def test_to_uint8_is_the_one_rounding_and_inverts_the_processor():
+    """uint8 -> processor float -> to_uint8 is the identity; the pipeline's PIL output and the pictures'
+    helper are that same function (one rounding, half to even, clamped)."""
+    from adatok_vlm.generator.pipeline import to_pil
+    from adatok_vlm.tokenizer.image_processing_adatok import to_uint8
+    from adatok_vlm.training import visualize
+
+    array = _random_rgb(8, 8)
+    pixels = _pixels(AdaTokImageProcessor(size=8), [Image.fromarray(array)])
+    back = to_uint8(pixels)
+    assert back.dtype == np.uint8 and back.shape == (1, 8, 8, 3)
+    np.testing.assert_array_equal(back[0], array)
+    edge = torch.tensor([-0.5, 0.5 / 255, 1.5 / 255, 1.2]).view(1, 4, 1, 1).expand(1, 4, 1, 3).permute(0, 3, 1, 2)
+    assert to_uint8(edge)[0, :, 0, 0].tolist() == [0, 0, 2, 255]      # clamped, rounded half to even
+    assert visualize.to_uint8 is to_uint8
+    np.testing.assert_array_equal(np.asarray(to_pil(pixels)[0]), array)

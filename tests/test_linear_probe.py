@@ -135,7 +135,7 @@ def test_linear_probe_refuses_unlabelled_images():
 
 
 def test_evaluate_cli_linear_probe_writes_table_json_and_plot(tmp_path):
-    """`adatok evaluate --linear-probe` on labelled data: accuracies per length in every output."""
+    """`adatok evaluate --linear_probe` on labelled data: accuracies per length in every output."""
     if not FMNIST.is_dir():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     import json
@@ -147,8 +147,8 @@ def test_evaluate_cli_linear_probe_writes_table_json_and_plot(tmp_path):
     tiny_model(num_latent_tokens=8, image_size=32).save_pretrained(model_dir)
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(model_dir), "--data", "fashion_mnist", "--limit", "40", "--lengths", "1,8",
-                 "--metrics", "rmse", "--out", str(out), "--device", "cpu", "--no-progress", "--linear-probe",
-                 "--probe-train-limit", "60", "--probe-lengths", "1,8"]) == 0
+                 "--metrics", "rmse", "--out", str(out), "--device", "cpu", "--no_progress", "--linear_probe",
+                 "--probe_train_limit", "60", "--probe_lengths", "1,8"]) == 0
     report = json.loads((out / "metrics.json").read_text())
     probe = report["linear_probe"]
     assert set(probe["per_length"]) == {"1", "8"} and probe["num_train"] == 60 and probe["num_test"] == 40
@@ -167,5 +167,5 @@ def test_evaluate_cli_linear_probe_refuses_unlabelled_data(tmp_path, monkeypatch
     monkeypatch.setattr(evaluate, "load_pixels", lambda *a, **k: unlabelled)
     with pytest.raises(ValueError, match="labelled"):
         evaluate.main(["--model", str(model_dir), "--data", "natural_crops", "--limit", "4", "--lengths", "8",
-                       "--metrics", "rmse", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress",
-                       "--linear-probe"])
+                       "--metrics", "rmse", "--out", str(tmp_path / "o"), "--device", "cpu", "--no_progress",
+                       "--linear_probe"])

@@ -129,7 +129,8 @@ def parse_only(monkeypatch, kind: str, target: str | None, args: list[str]) -> o
             importlib.import_module(target).main(args)
         else:
             source = (REPO / target).read_text(encoding="utf-8")
-            assert "argparse" in source, f"{target} has no argument parser: running it would do the work"
+            assert "argparse" in source or "FlagParser" in source, \
+                f"{target} has no argument parser: running it would do the work"
             monkeypatch.setattr(sys, "argv", [target, *args])
             runpy.run_path(str(REPO / target), run_name="__main__")
     return parsed.value.args[0] if parsed.value.args else None

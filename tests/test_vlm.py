@@ -162,6 +162,59 @@ def test_flow_head_learns_a_conditional_map():
     assert torch.allclose(plain, guided, atol=1e-5)
 
 
+def test_flow_head_uses_the_generators_time_convention():
+    """t = 1 is noise: a head whose velocity is the generator's target for a fixed x0 (v = noise - x0 at
+    every t, i.e. the straight path) carries noise to x0 when integrated from t = 1 down to t = 0."""
+    from adatok_vlm.generator.flow_matching import interpolate, velocity_target
+
+    head = FlowHead(token_dim=2, cond_dim=3, width=8, depth=1)
+    x0 = torch.tensor([[3.0, -1.0]])
+    calls = []
+
+    def straight(x_t, t, cond):                         # the exact velocity towards x0 along x_t = (1-t) x0 + t eps
+        calls.append(float(t[0]))
+        return (x_t - x0) / t[:, None]
+
+    head.forward = straight
+    out = head.sample(torch.zeros(1, 3), num_steps=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x0)
+    assert calls == [1.0, 0.75, 0.5, 0.25]              # from noise (t = 1) towards data
+    noise = torch.randn(1, 2)
+    x_half = interpolate(x0, noise, torch.tensor([0.5]))
+    torch.testing.assert_close(straight(x_half, torch.tensor([0.5]), None), velocity_target(x0, noise))
+
+
+def test_flow_head_converts_heads_saved_with_the_old_time_convention():
+    """Weights trained with t = 0 noise and target x - eps give, after adopt_noise_to_data_time_, the
+    velocity v_new(x, t) = -v_old(x, 1 - t) with unchanged state-dict keys; an old config.json (no
+    flow_time_convention) is marked for that conversion, a new one is not."""
+    import copy
+
+    from adatok_vlm.configuration_vlm import DATA_TO_NOISE, NOISE_TO_DATA
+
+    torch.manual_seed(0)
+    head = FlowHead(token_dim=3, cond_dim=5, width=16, depth=2)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    old = copy.deepcopy(head)
+    head.adopt_noise_to_data_time_()
+    assert list(head.state_dict()) == list(old.state_dict())
+    x, t, c = torch.randn(64, 3), torch.rand(64), torch.randn(64, 5)
+    with torch.no_grad():
+        new_v, old_v = head(x, t, c), old(x, 1 - t, c)
+    torch.testing.assert_close(new_v, -old_v, atol=2e-3, rtol=1e-3)
+    assert (new_v - old(x, t, c)).abs().max() > 0.1    # the conversion is not a no-op
+
+    config = AdaTokVLMConfig(tokenizer_config=tiny_adatok().config)
+    assert config.flow_time_convention == DATA_TO_NOISE
+    saved = config.to_dict()
+    assert AdaTokVLMConfig.from_dict(saved).flow_time_convention == DATA_TO_NOISE
+    saved.pop("flow_time_convention")
+    assert AdaTokVLMConfig.from_dict(saved).flow_time_convention == NOISE_TO_DATA
+    with pytest.raises(ValueError, match="flow_time_convention"):
+        AdaTokVLMConfig(tokenizer_config=tiny_adatok().config, flow_time_convention="backwards")
+
+
 # ============================================================================================
 # understanding: scatter and forward
 # ============================================================================================

@@ -18,7 +18,8 @@ from adatok_vlm.vlm_data import VLMCollator
 from test_vlm import M, tiny_vlm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from vlm_understanding import length_rules, t2i_length_comparison, understanding_eval  # noqa: E402
+from vlm_understanding import (length_rules, markdown, merge_results, t2i_length_comparison,  # noqa: E402
+                                understanding_eval)
 
 CAPTIONS = ["cat", "shoe", "red"]
 
@@ -119,3 +120,28 @@ def test_t2i_length_comparison_reports_per_class_means_and_distances(trained):
     assert [row["data_mean"] for row in r["per_class"]] == [8 / 3, 5.5, 28 / 3]
     assert all(1 <= row["lm_mean"] <= M and row["wasserstein"] >= 0 and row["num_lm"] == 3 for row in r["per_class"])
     assert r["distinct_data_lengths"] == 6
+
+
+def _run(name: str, command: str, **settings) -> dict:
+    """A benchmark result as ``main`` writes it, with one model of one row (no model is run)."""
+    model = {"name": name, "lm": "LlamaForCausalLM", "lm_parameters": 10, "training": {"steps": 5, "direction": "mixed"},
+             "tokenizer_rmse_by_length": {"1": 0.05, "32": 0.01}, "targets": {},
+             "understanding": [{"rule": "auto", "accuracy": 0.5, "mean_image_tokens": 9.0, "prefill_ms_per_image": 1.0}],
+             "t2i_lengths": {"data_mean": 9.0, "lm_mean": 10.0, "mean_wasserstein": 1.0, "spearman_class_means": 0.5,
+                             "distinct_data_lengths": 4, "per_class": []}}
+    base = {"dataset": "fashion_mnist", "split": "test", "num_images": 8, "per_class": 2, "device": "cpu",
+            "threads": 1, "clock": "cpu", "seed": 0, "note": "", "command": command, "models": [model]}
+    return {**base, **settings}
+
+
+def test_merge_keeps_every_model_and_command_and_refuses_different_settings():
+    merged = merge_results([_run("a", "python b.py --vlm A"), _run("b", "python b.py --vlm B")], note="trained so")
+    assert [m["name"] for m in merged["models"]] == ["a", "b"]
+    assert merged["commands"] == ["python b.py --vlm A", "python b.py --vlm B"]
+    md = markdown(merged)
+    assert "| a | auto |" in md and "| b | auto |" in md
+    assert "`python b.py --vlm A`; `python b.py --vlm B`" in md and "trained so" in md
+    with pytest.raises(ValueError, match="num_images"):
+        merge_results([_run("a", "x"), _run("b", "y", num_images=9)])
+    with pytest.raises(ValueError, match="at least one"):
+        merge_results([])

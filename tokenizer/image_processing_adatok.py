@@ -43,7 +43,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import TensorType
 
-__all__ = ["AdaTokImageProcessor", "AdaTokImageProcessorKwargs", "decode_upright"]
+__all__ = ["AdaTokImageProcessor", "AdaTokImageProcessorKwargs", "decode_upright", "to_uint8"]
 
 RESIZE_MODES = ("shortest_edge", "pad")
 CROP_MODES = ("center", "random")
@@ -134,6 +134,15 @@ def _check_float_range(array: np.ndarray, where: str) -> np.ndarray:
             f"in [{low:.4g}, {high:.4g}]; pass uint8 data for 0..255 or rescale to [0, 1] first"
         )
     return np.clip(array, 0.0, 1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float ``[..., C, H, W]`` in [0, 1] -> uint8 channels-last ``[..., H, W, C]`` (what PIL and .npz take).
+
+    The project's one float -> 8-bit rounding (clamp, ``* 255``, round half to even): the inverse of the
+    processor's ``uint8 / 255``, used by the pipeline's PIL output, the pictures and the FID sample files.
+    """
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
 def _array_to_unit_float(array: np.ndarray, where: str) -> np.ndarray:

@@ -2,16 +2,16 @@
 
     adatok evaluate --model outputs/demo/model --data fashion_mnist --split test --limit 1000 \
         --lengths 1,2,4,8,16,32,auto,search --metrics rmse,psnr,ssim,lpips,rqpr,reward,fd_vgg16 \
-        --out outputs/eval --batch-size 128 --device cpu
-    adatok evaluate ... --metrics rmse,fid --inception-weights pt_inception-2015-12-05-6726825d.pth
+        --out outputs/eval --batch_size 128 --device cpu
+    adatok evaluate ... --metrics rmse,fid --inception_weights pt_inception-2015-12-05-6726825d.pth
     adatok evaluate ... --samples samples.npz        # + gFID / gFD-VGG16 of generated samples vs the split
-    adatok evaluate ... --linear-probe --probe-train-limit 10000   # + linear-probe top-1 per token count
+    adatok evaluate ... --linear_probe --probe_train_limit 10000   # + linear-probe top-1 per token count
 
 gFID the field's way (no model needed): generated samples against ADM's reference batch, with the
 Inception Score and ADM's precision / recall from the same InceptionV3 pool_3 features::
 
     adatok evaluate --samples samples.npz --reference VIRTUAL_imagenet256_labeled.npz \
-        --inception-weights pt_inception-2015-12-05-6726825d.pth [--metrics fid,is,pr] [--out DIR]
+        --inception_weights pt_inception-2015-12-05-6726825d.pth [--metrics fid,is,pr] [--out DIR]
     torchrun --nproc_per_node 8 -m adatok_vlm.training.evaluate --samples ... --reference ...   # 8 ranks
 
 The reference's ``mu``/``sigma`` are used when present (else its ``arr_0`` images); its ``arr_0``
@@ -19,10 +19,10 @@ also gives precision / recall (k = 3). ``--metrics fd_vgg16,pr`` is the offline 
 
 rFID over a large split runs on every rank of ``torchrun`` (each its contiguous shard, statistics
 and per-image values gathered), streaming the split through DataLoader workers whenever it does not
-fit ``--preload-max-gb`` decoded (``--preload false`` forces streaming)::
+fit ``--preload_max_gb`` decoded (``--preload false`` forces streaming)::
 
     torchrun --nproc_per_node 8 -m adatok_vlm.training.evaluate --model DIR --data /data/imagenet \
-        --split val --lengths 256,auto --metrics rmse,fid --inception-weights W.pth --out outputs/eval
+        --split val --lengths 256,auto --metrics rmse,fid --inception_weights W.pth --out outputs/eval
 
 Length modes (``--lengths``): token counts, ``auto`` (the policy), ``sample``, ``search``, ``oracle``,
 ``max_mse=X`` and ``mean_budget=N`` (the quality / budget dials). Default: 1, 2, 4, ..., m, plus
@@ -31,12 +31,12 @@ Length modes (``--lengths``): token counts, ``auto`` (the policy), ``sample``, `
 Writes to ``--out``: ``metrics.json`` (every number, one row per length mode), ``metrics.md`` (the
 same as a table), ``<metric>_vs_tokens.png`` (each metric against the token count; adaptive modes
 are points at their mean count), ``lengths_hist_<mode>.png`` for every adaptive mode and
-``reconstructions.png`` (the first images at every mode beside the original); with ``--linear-probe``
+``reconstructions.png`` (the first images at every mode beside the original); with ``--linear_probe``
 also ``linear_probe_vs_tokens.png`` and a ``linear_probe`` entry in ``metrics.json`` (probes fitted on
-``--probe-train-split``, scored on the evaluated images; Appendix B.5).
+``--probe_train_split``, scored on the evaluated images; Appendix B.5).
 
 ``fd_vgg16`` is the Frechet distance on VGG16 features (offline weights); ``fid`` is FID proper and
-needs the pytorch-fid Inception weights (``--inception-weights``); they are never interchangeable.
+needs the pytorch-fid Inception weights (``--inception_weights``); they are never interchangeable.
 Every report names the feature network each number comes from.
 """
 
@@ -66,6 +66,7 @@ from .evaluation import (
     rqpr_key,
 )
 from .fid import GENERATION_METRICS
+from .flags import FlagParser
 
 DEFAULT_METRICS = "rmse,psnr,ssim,lpips,rqpr,reward"
 DEFAULT_GENERATION_METRICS = "fid,is,pr"
@@ -77,8 +78,7 @@ GENERATION_ONLY = tuple(m for m in GENERATION_METRICS if m != "fd")
 # arguments
 # ============================================================================================
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adatok evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlagParser(prog="adatok evaluate", description=__doc__)
     p.add_argument("--model", default=None,
                    help="an AdaTok folder (save_pretrained); leave out with --samples --reference for gFID alone")
     p.add_argument("--data", default=None,
@@ -92,43 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {','.join(METRICS + GENERATION_ONLY)} (default {DEFAULT_METRICS}; "
                         f"without --model {DEFAULT_GENERATION_METRICS}). is (Inception Score) and pr (precision / "
                         "recall) apply to --samples")
-    p.add_argument("--rqpr-thresholds", default=None,
+    p.add_argument("--rqpr_thresholds", default=None,
                    help="comma-separated rMSE thresholds for rQPR (default: the model's reward_rl_base)")
-    p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"))
-    p.add_argument("--inception-weights", default=None,
+    p.add_argument("--lpips_net", default="alex", choices=("alex", "vgg"))
+    p.add_argument("--inception_weights", default=None,
                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (needed for fid)")
-    p.add_argument("--vgg-resize", default="224", help="side the FD-VGG16 features see (an int, or 'none')")
+    p.add_argument("--vgg_resize", default="224", help="side the FD-VGG16 features see (an int, or 'none')")
     p.add_argument("--samples", default=None,
                    help="generated samples (.npz with arr_0, or an image folder): adds gFID / gFD-VGG16 vs "
                         "--reference (or vs the split)")
     p.add_argument("--reference", default=None,
                    help="gFID reference: an ADM reference batch .npz (mu/sigma and/or arr_0), a statistics .npz, "
                         "or an image folder")
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (the field's 10)")
-    p.add_argument("--pr-k", type=int, default=3, help="nearest neighbours of precision / recall (ADM's 3)")
+    p.add_argument("--is_splits", type=int, default=10, help="Inception Score splits (the field's 10)")
+    p.add_argument("--pr_k", type=int, default=3, help="nearest neighbours of precision / recall (ADM's 3)")
     p.add_argument("--out", default=None, help="output folder (required with --model)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--resize-mode", default=None, choices=("shortest_edge", "pad"),
+    p.add_argument("--resize_mode", default=None, choices=("shortest_edge", "pad"),
                    help="override the image processor's resize mode")
-    p.add_argument("--grid-images", type=int, default=8, help="images in reconstructions.png")
-    p.add_argument("--num-threads", type=int, default=None, help="CPU threads (torch and BLAS)")
+    p.add_argument("--grid_images", type=int, default=8, help="images in reconstructions.png")
+    p.add_argument("--num_threads", type=int, default=None, help="CPU threads (torch and BLAS)")
     p.add_argument("--preload", default="auto", choices=("auto", "true", "false"),
-                   help="decode the split into memory first: auto = when it fits --preload-max-gb decoded")
-    p.add_argument("--preload-max-gb", type=float, default=None,
+                   help="decode the split into memory first: auto = when it fits --preload_max_gb decoded")
+    p.add_argument("--preload_max_gb", type=float, default=None,
                    help="the preload bound in GB (default: training.data_sources' DEFAULT_PRELOAD_MAX_GB)")
-    p.add_argument("--num-workers", type=int, default=None,
+    p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers decoding a streamed split (default: up to 4 where fork exists)")
     p.add_argument("--streaming", action="store_true", help="stream the data set (hub streaming / webdataset)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true")
     probe = p.add_argument_group("linear probe (Appendix B.5): top-1 accuracy of a linear classifier on frozen tokens")
-    probe.add_argument("--linear-probe", action="store_true", help="also fit and score linear probes (needs labels)")
-    probe.add_argument("--probe-train-split", default="train", help="split the probes are fitted on")
-    probe.add_argument("--probe-train-limit", type=int, default=10000, help="first N images of that split")
-    probe.add_argument("--probe-lengths", default=None, help="comma-separated token counts (default 1, 2, 4, ..., m)")
-    probe.add_argument("--probe-pooling", default="mean", choices=("mean", "flatten"))
-    probe.add_argument("--probe-tail-drop", action="store_true",
+    probe.add_argument("--linear_probe", action="store_true", help="also fit and score linear probes (needs labels)")
+    probe.add_argument("--probe_train_split", default="train", help="split the probes are fitted on")
+    probe.add_argument("--probe_train_limit", type=int, default=10000, help="first N images of that split")
+    probe.add_argument("--probe_lengths", default=None, help="comma-separated token counts (default 1, 2, 4, ..., m)")
+    probe.add_argument("--probe_pooling", default="mean", choices=("mean", "flatten"))
+    probe.add_argument("--probe_tail_drop", action="store_true",
                        help="one probe trained on random prefixes, scored at every length")
     return p
 
@@ -362,13 +362,13 @@ def _length_counts(tokens: torch.Tensor) -> dict[str, int]:
 
 def run_linear_probe(args: argparse.Namespace, model_dir: Path, model, test_pixels: torch.Tensor,
                      test_labels: torch.Tensor) -> dict:
-    """Linear probes fitted on ``--probe-train-split`` and scored on the evaluated images."""
+    """Linear probes fitted on ``--probe_train_split`` and scored on the evaluated images."""
     from .linear_probe import ProbeConfig, linear_probe
 
     if test_labels is None or int(test_labels.min()) < 0:
-        raise ValueError(f"--linear-probe needs labelled images; {args.data}/{args.split} has none")
+        raise ValueError(f"--linear_probe needs labelled images; {args.data}/{args.split} has none")
     if args.probe_train_limit is not None and args.probe_train_limit < 1:
-        raise ValueError(f"--probe-train-limit must be positive, got {args.probe_train_limit}")
+        raise ValueError(f"--probe_train_limit must be positive, got {args.probe_train_limit}")
     train_pixels, train_labels = load_pixels(model_dir, model, args.data, args.probe_train_split,
                                              args.probe_train_limit, args.resize_mode, with_labels=True)
     lengths = [int(v) for v in _split_list(args.probe_lengths)] if args.probe_lengths else None
@@ -455,14 +455,14 @@ def _check_metrics(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--metrics {','.join(generation_only)}: Inception Score and precision / recall measure "
                          "generated samples; give --samples (and --reference)")
     if (args.samples or generation_only) and not any(m in FD_METRICS for m in metrics):
-        raise ValueError("--samples needs a feature network in --metrics: fid (InceptionV3, with --inception-weights) "
+        raise ValueError("--samples needs a feature network in --metrics: fid (InceptionV3, with --inception_weights) "
                          "and/or fd_vgg16 (the offline VGG16 stand-in)")
     if "is" in metrics and "fid" not in metrics:
-        raise ValueError("--metrics is: the Inception Score needs the FID Inception; add fid (and --inception-weights)")
+        raise ValueError("--metrics is: the Inception Score needs the FID Inception; add fid (and --inception_weights)")
     if args.reference and not args.samples:
         raise ValueError("--reference is the gFID reference of --samples; give --samples too")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise ValueError(f"--batch-size and --limit must be positive, got {args.batch_size} and {args.limit}")
+        raise ValueError(f"--batch_size and --limit must be positive, got {args.batch_size} and {args.limit}")
     return metrics
 
 

@@ -55,6 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..tokenizer.image_processing_adatok import to_uint8
+
 PathLike = Union[str, os.PathLike]
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -230,7 +232,7 @@ class FeatureExtractor(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, num_classes]`` of features ``[B, dim]``; only networks with a classifier."""
         raise ValueError(f"{self.name} features have no classifier: the Inception Score needs the FID Inception "
-                         "(--metrics fid,is with --inception-weights)")
+                         "(--metrics fid,is with --inception_weights)")
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)            # frozen: always eval (BatchNorm statistics stay put)
@@ -349,7 +351,7 @@ def build_fid_inception() -> nn.Module:
 
 
 def default_inception_path() -> Path:
-    """Where the FID weights are looked for without ``--inception-weights``: ``$ADATOK_CACHE/fid/<name>``."""
+    """Where the FID weights are looked for without ``--inception_weights``: ``$ADATOK_CACHE/fid/<name>``."""
     root = os.environ.get("ADATOK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "adatok-vlm")
     return Path(root) / "fid" / FID_WEIGHTS_NAME
 
@@ -391,7 +393,7 @@ class InceptionV3Features(FeatureExtractor):
                 f"FID Inception weights not found at {path}. Nothing is downloaded at run time: fetch "
                 f"{FID_WEIGHTS_URL} (pytorch-fid's release; torch-fidelity serves the same file as "
                 f"{FID_WEIGHTS_URL_TORCH_FIDELITY}) on a machine with network access and pass it with "
-                f"--inception-weights PATH (inception_weights=PATH), or put it at {default_inception_path()}. "
+                f"--inception_weights PATH (inception_weights=PATH), or put it at {default_inception_path()}. "
                 "Without it, use the offline FD-VGG16 (--metrics fd_vgg16), which is not FID.")
         state = _read_state_dict(path)
         with torch.device("meta"):
@@ -460,8 +462,6 @@ def to_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     if images.dtype != torch.uint8:
         if not images.is_floating_point():
             raise TypeError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
-        from .visualize import to_uint8   # the one float -> uint8 rounding (imported here: it loads matplotlib)
-
         return to_uint8(images)
     return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 

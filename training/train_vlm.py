@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader
 
-from ..configuration_vlm import VLM_TRAINING_INFO
+from ..configuration_vlm import LM_PRESETS, VLM_TRAINING_INFO
 from ..modeling_vlm import AdaTokVLMForCausalLM
 from ..peft_vlm import apply_lora
 from ..processing_vlm import AdaTokVLMProcessor
@@ -51,12 +51,6 @@ from .batches import ResumableBatchSampler
 from .distributed import any_rank, assert_replicas_match, fill_bucket_sizes, mean_over_ranks
 from .loop import LoopConfig, Stage, main as run_main, run
 
-# Random LMs for tests and smoke runs (hidden 32/64, 2 layers); ``lm.config`` overrides any field.
-LM_PRESETS = {
-    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
-}
 
 
 # =============================================================================================

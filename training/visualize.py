@@ -14,6 +14,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+# The one float -> uint8 rounding lives with the image processor; re-exported here for the picture helpers' callers.
+from ..tokenizer.image_processing_adatok import to_uint8  # noqa: E402
+
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
@@ -23,11 +26,6 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Float ``[..., C, H, W]`` in [0, 1] -> uint8 channels-last ``[..., H, W, C]`` (what PIL and .npz take)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
 HEADER_HEIGHT = 14    # pixels above a column grid for its column names
