@@ -186,3 +186,16 @@ def test_pixel_and_latent_l_recon_are_one_run_in_the_pixel_space(tmp_path):
 def test_an_unknown_l_recon_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="loss.reconstruction.*'pixel', 'latent'.*'l1'"):
         fill_dataclass(TokenizerTrainingConfig, {"loss": {"reconstruction": "l1"}})
+
+
+def test_a_model_flag_without_a_config_file_keeps_the_default_preset(tmp_path):
+    """``--model.X`` merges into the trainer's default model section (it used to replace it, so
+    ``--model.vae_path DIR`` dropped the preset); a config file's ``model:`` replaces the default whole."""
+    from adatok_vlm.training.config import parse_config
+
+    cfg, _ = parse_config(TokenizerTrainingConfig, ["--model.token_dim", "8"])
+    assert cfg.model == {**TokenizerTrainingConfig().model, "token_dim": 8}
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_size: 64\n")
+    cfg, _ = parse_config(TokenizerTrainingConfig, ["--config", str(path), "--model.token_dim", "8"])
+    assert cfg.model == {"hidden_size": 64, "token_dim": 8}

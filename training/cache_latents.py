@@ -342,8 +342,7 @@ def build_cache(cfg: CacheLatentsConfig) -> dict:
     vae_path = cfg.model.get("vae_path")
     if not vae_path:
         raise ValueError("model.vae_path: cache-latents needs the VAE folder (--model.vae_path DIR), got none")
-    # --model.X overrides replace the whole default section: keep its preset unless they name one
-    model_config = build_model_config({**CacheLatentsConfig().model, **cfg.model})
+    model_config = build_model_config(cfg.model)   # --model.X flags merge into the default preset (parse_config)
     if model_config.latent_space != "vae":
         raise ValueError(f"model: a latent cache is for a VAE latent space, got latent_space={model_config.latent_space!r}")
     rank, world_size, barrier = _world(tc)

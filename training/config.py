@@ -255,8 +255,23 @@ def parse_config(cls, argv: list[str] | None = None, default_config: str | None 
     config_path, overrides = parse_overrides(argv)
     config_path = config_path or default_config
     raw = load_yaml(config_path) if config_path else {}
-    raw = deep_merge(raw, overrides)
+    raw = deep_merge({**mapping_defaults(cls), **raw}, overrides)
     return fill_dataclass(cls, raw), raw
+
+
+def mapping_defaults(cls) -> dict:
+    """The non-empty defaults of ``cls``'s mapping fields (a trainer's ``model: {"preset": "adatok-s"}``).
+
+    A config file's section replaces such a default whole (the file says what the model is); flags merge
+    into whatever is there, so ``--model.vae_path DIR`` without a file keeps the default preset instead of
+    dropping it."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            if isinstance(value, dict) and value:
+                out[f.name] = value
+    return out
 
 
 def exit_if_help(argv: list[str], usage: str, *classes) -> None:

@@ -291,9 +291,7 @@ def latent_stats(cfg: LatentStatsConfig) -> dict:
         raise ValueError(f"limit: expected a positive number of images or null, got {cfg.limit!r}")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {cfg.batch_size!r}")
-    # the image size (and processor) the tokenizer will train with; --model.X overrides replace the whole
-    # default section, so its preset is kept unless they name one
-    model_config = build_model_config({**LatentStatsConfig().model, **cfg.model})
+    model_config = build_model_config(cfg.model)   # the image size (and processor) the tokenizer will train with
     vae = load_pretrained_vae(vae_path)
     dataset = require_map_style(load_split(cfg.data, cfg.data.train_split, cfg.subset_seed), cfg.data,
                                 "latent-stats (it draws a random subset by index)")
