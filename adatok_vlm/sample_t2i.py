@@ -23,6 +23,7 @@ Each image's token count is printed as it is written.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path

@@ -172,8 +172,9 @@ def test_table(model, cache: Path, limit: int) -> RewardTable:
     from adatok_vlm.training.config import configs_dir, fill_dataclass, load_yaml
     from adatok_vlm.training.demo import eval_subset, resolve_dataset
     from adatok_vlm.training.reward_table import measure_reward_table
-    from adatok_vlm.training.train_tokenizer import (TokenizerTrainingConfig, build_image_processor,
-                                                     build_model_config, load_split)
+    from adatok_vlm.training.config import build_model_config
+    from adatok_vlm.training.data_setup import build_image_processor, load_split
+    from adatok_vlm.training.train_tokenizer import TokenizerTrainingConfig
 
     meta = {"model": model_fingerprint(model.name_or_path), "limit": limit, "grid": model.length_grid.tolist()}
     cached = RewardTable.load(cache, meta)

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     from adatok_vlm.training.config import deep_merge, fill_dataclass
     from adatok_vlm.training.evaluation import default_lengths, per_image_mse
     from adatok_vlm.training.natural_images import natural_images_dir
-    from adatok_vlm.training.train_tokenizer import TokenizerTrainingConfig, build_image_processor, load_split, train
+    from adatok_vlm.training.data_setup import build_image_processor, load_split
+    from adatok_vlm.training.train_tokenizer import TokenizerTrainingConfig, train
 
     torch.set_num_threads(1)
     raw = {"model": {"preset": "adatok-tiny"},

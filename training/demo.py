@@ -29,9 +29,11 @@ from pathlib import Path
 
 import torch
 
-from .config import configs_dir, deep_merge, exit_if_help, fill_dataclass, load_yaml, parse_overrides
+from .config import (build_model_config, configs_dir, deep_merge, exit_if_help, fill_dataclass, load_yaml,
+                     parse_overrides)
+from .data_setup import build_image_processor, load_split
 from .evaluation import default_lengths, is_monotone_decreasing, per_image_mse, summarize
-from .train_tokenizer import TokenizerTrainingConfig, build_image_processor, build_model_config, load_split, train
+from .train_tokenizer import TokenizerTrainingConfig, train
 
 CONFIGS = configs_dir()
 # The demos `--demo NAME` selects: (stage-1 YAML, stage-2 YAML or None when the stage-1 file names its

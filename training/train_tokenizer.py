@@ -52,8 +52,8 @@ import torch
 from ..tokenizer import AdaTokConfig, AdaTokModel
 from .batches import PreloadedImages, ResumableBatchSampler
 from .config import build_model_config
-from .data_setup import (DataConfig, StreamData, StreamEpochs, build_image_processor, build_train_data,  # noqa: F401
-                         epoch_batches, flip_batch, load_split, resolve_num_workers, step_flips)   # load_split: still imported from here by extract_tokens and demo
+from .data_setup import (DataConfig, StreamData, StreamEpochs, build_image_processor, build_train_data,
+                         epoch_batches, flip_batch, resolve_num_workers, step_flips)
 from .distributed import (any_rank, assert_replicas_match, materialize, mean_over_ranks, param_gatherer, replicate,
                           uses_deepspeed)
 from .engine import EMA
