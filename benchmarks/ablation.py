@@ -16,7 +16,6 @@ Writes FILE.json ({"rows": [...], "checks": {...}}) and FILE.md (a markdown tabl
 import json
 import os
 import platform
-from pathlib import Path
 
 import torch
 from transformers import AutoModel
@@ -26,6 +25,7 @@ from adatok_vlm.training.ablation import markdown_table, run_ablation
 from adatok_vlm.training.batches import preload_images
 from adatok_vlm.training.data import load_image_dataset
 from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.results import write_results
 
 
 def held_out(data: str, split: str, limit: int):
@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = (f"\nTimed on {mc['device']} ({mc['cpu_count']} cores, {mc['threads']} torch threads), load average "
                f"{mc['load_average_1min_before_after'][0]} before and {mc['load_average_1min_before_after'][1]} "
                "after the run.\n")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown_table(result) + machine)
+    write_results(args.out, result, markdown_table(result) + machine)
     print(markdown_table(result))
     print(json.dumps(result["checks"], indent=2))
     return result

@@ -16,12 +16,10 @@ Writes JSON (settings, length histogram, one row per configuration) and a markdo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -30,6 +28,8 @@ from transformers.utils import logging as hf_logging
 
 from adatok_vlm import AdaTokConfig, AdaTokModel
 from adatok_vlm.modeling_vlm import AdaTokVLMForCausalLM
+from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.results import write_results
 
 PROMPT_WORDS = ["a", "cat", "dog", "red", "blue", "small", "large", "shoe", "bag", "shirt", "on", "the", "grass"]
 TARGET_TOLERANCE = 0.2  # measured speed-up within 20% of L_max / mean(L)
@@ -40,7 +40,7 @@ FORCED_LENGTHS_NOTE = ("What this measures: a random, untrained VLM whose length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/bench/ar_generation.json", help="JSON file; the .md table goes beside it")
     p.add_argument("--num_images", type=int, default=32, help="images timed per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed images before each configuration")
@@ -212,11 +212,8 @@ def main(argv=None) -> dict:
         "cache_speedup_eoi": by[(True, False)]["seconds"] / by[(True, True)]["seconds"],
     }
     result["target_met"] = abs(by[(True, True)]["speedup"] / ideal - 1) <= TARGET_TOLERANCE
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    out.with_suffix(".md").write_text(table)
+    write_results(args.out, result, table)
     print(table)
     return result
 

@@ -18,8 +18,8 @@ measures, in one process, same batch, after a warm-up:
 * ``search`` ``encode(num_tokens="search")``: one encoder pass + ``ceil(log2 K)`` decodes;
 * ``decode`` one ``decode`` at the full length (for the breakdown).
 
-    python benchmarks/ata_cost.py --preset adatok-s --images 4 --batch-size 2 --out outputs/bench/ata_cost.json
-    python benchmarks/ata_cost.py --preset adatok-tiny --images 512 --batch-size 256   # the pixel-space demo model
+    python benchmarks/ata_cost.py --preset adatok-s --images 4 --batch_size 2 --out outputs/bench/ata_cost.json
+    python benchmarks/ata_cost.py --preset adatok-tiny --images 512 --batch_size 256   # the pixel-space demo model
 
 Writes the JSON and a markdown table beside it. The trained demo model's Table 2 (with rewards) is
 ``benchmarks/ablation.py``; this script isolates the cost ratio at the paper's scale.
@@ -28,25 +28,25 @@ Writes the JSON and a markdown table beside it. The trained demo model's Table 2
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
-from pathlib import Path
 
 import torch
 
 from adatok_vlm import AdaTokConfig, AdaTokModel
+from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.results import write_results
 
 ATA_MAX_VS_FIXED = 1.3       # target: ATA's decision costs at most 1.3x a fixed-length encode
 SEARCH_MIN_VS_ATA = 10.0     # target: binary search costs at least 10x ATA (the paper's 70.2 vs 4.3 ms)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="adatok-s")
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="timed passes over the images per method")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,11 +140,8 @@ def main(argv=None) -> dict:
     ratios = result["ratios"]
     result["checks"] = {f"ata <= {ATA_MAX_VS_FIXED}x fixed": ratios["ata_vs_fixed"] <= ATA_MAX_VS_FIXED,
                         f"search >= {SEARCH_MIN_VS_ATA:g}x ata": ratios["search_vs_ata"] >= SEARCH_MIN_VS_ATA}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     table = markdown(result)
-    out.with_suffix(".md").write_text(table, encoding="utf-8")
+    write_results(args.out, result, table)
     print(table)
     return result
 

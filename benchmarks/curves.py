@@ -14,8 +14,6 @@ length counts; ``curves.md`` is the same as a table.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -26,6 +24,8 @@ from adatok_vlm.tokenizer.rewards import continuous_reward, structured_reward
 from adatok_vlm.training.ablation import error_curves, plot_figures
 from adatok_vlm.training.batches import preload_images
 from adatok_vlm.training.data import load_image_dataset
+from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.results import write_results
 
 
 def summarise(model, grid: torch.Tensor, errors: torch.Tensor, ata_lengths: torch.Tensor | None) -> dict:
@@ -57,13 +57,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="an AdaTok folder written by save_pretrained")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -82,8 +82,7 @@ def main(argv=None) -> dict:
     paths = plot_figures(model, pixels, out, args.batch_size, ata_lengths=ata_lengths, curves=(grid, errors))
     result = summarise(model, grid, errors, ata_lengths)
     result["files"] = [p.name for p in paths]
-    (out / "curves.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "curves.md").write_text(markdown(result), encoding="utf-8")
+    write_results(out / "curves", result, markdown(result))
     print(markdown(result))
     for path in paths:
         print(f"  wrote {path}")

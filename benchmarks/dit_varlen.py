@@ -23,12 +23,10 @@ writes the JSON and a markdown table beside it (``dit_varlen.md``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -39,6 +37,8 @@ from adatok_vlm.generator import (
     flow_matching_loss,
     padding_fraction,
 )
+from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.results import write_results
 
 TARGET_WASTE, TARGET_RATIO = 0.10, 1.2
 
@@ -51,7 +51,7 @@ def policy_like_lengths(n: int, m: int, seed: int) -> torch.Tensor:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/bench/dit_varlen.json", help="JSON file; the .md table goes beside it")
     p.add_argument("--preset", default="dit-tiny")
     p.add_argument("--hidden_size", type=int, default=96)
@@ -204,11 +204,8 @@ def main(argv=None) -> dict:
                         "cpu_count": os.cpu_count(), "platform": platform.platform(),
                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     table = markdown(result)
-    out.with_suffix(".md").write_text(table)
+    write_results(args.out, result, table)
     print(table)
     return result
 

@@ -19,7 +19,6 @@ here) and cached (``--test_cache``). Writes FILE.json and FILE.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +31,8 @@ import adatok_vlm  # noqa: F401  (registers AdaTok with AutoModel)
 from adatok_vlm.tokenizer.policy import TokenLengthPolicy
 from adatok_vlm.tokenizer.rewards import RewardSpec, entropy_weight
 from adatok_vlm.training.engine import lr_at, set_lr
+from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.results import write_results
 from adatok_vlm.training.reward_table import RewardTable, head_outputs, table_policy_loss, table_rewards
 
 COLLAPSE_SHARE = 0.9   # a policy whose most common length takes >= 90% of the held-out images has collapsed
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoModel
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a stage-2 model folder (its config gives rewards and policy size)")
     parser.add_argument("--table_dir", default=None, help="its train_policy reward_table folder (train.safetensors)")
     parser.add_argument("--out", required=True, help="JSON file to write; the markdown goes beside it")
@@ -328,10 +329,7 @@ def merge_results(parts: list[dict], steps: int) -> dict:
 
 
 def write(result: dict, out: Path, finding: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    out.with_suffix(".md").write_text(markdown(result).replace("FINDING", finding or "(finding: see README)"),
-                                      encoding="utf-8")
+    write_results(out, result, markdown(result).replace("FINDING", finding or "(finding: see README)"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """One stage-1 step with and without the VAE-latent cache, side by side in one process.
 
     python benchmarks/latent_cache.py                      # adatok-s, batch 2, 256x256, 1 thread
-    python benchmarks/latent_cache.py --batch-size 4 --repeats 3 --out benchmarks/results/latent_cache.json
+    python benchmarks/latent_cache.py --batch_size 4 --repeats 3 --out benchmarks/results/latent_cache.json
 
 Random weights of the real architectures (``adatok-s``: the ViT encoder/decoder over the VA-VAE f16d32
 latent grid, whose VAE is randomly initialised too: nothing is downloaded). A cache of ``batch-size``
@@ -20,8 +20,6 @@ every measurement (the machine is shared: read the numbers with it). Writes FILE
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -159,9 +157,12 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from adatok_vlm.training.flags import FlagParser
+    from adatok_vlm.training.results import write_results
+
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="adatok-s")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -169,12 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     for name in ("batch_size", "repeats", "threads"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     result = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+    write_results(args.out, result, markdown(result))
     print(markdown(result))
     return result
 

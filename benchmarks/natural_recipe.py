@@ -10,7 +10,6 @@ values are JSON where they parse. One JSON line per run is appended to ``--out``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -19,7 +18,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from adatok_vlm.training.flags import FlagParser
+
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument("name", help="the run's name (its output folder under --root)")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     p.add_argument("--root", default="outputs/recipe", help="where runs and the data cache go")

@@ -1,10 +1,10 @@
 """Encode, decode and round-trip throughput of the tokenizer presets, fp32 and bf16, side by side in one process.
 
     python benchmarks/throughput.py                                              # every preset, batch 8
-    python benchmarks/throughput.py --batch-size 2 --presets adatok-tiny,adatok-s --repeats 2 --threads 1
+    python benchmarks/throughput.py --batch_size 2 --presets adatok-tiny,adatok-s --repeats 2 --threads 1
 
 Random weights of the real architectures (the VAE presets' VA-VAE f16d32 too: nothing is downloaded). For
-each preset, ``--batch-size`` images of its size, eval mode, no gradients, and each precision (``fp32``;
+each preset, ``--batch_size`` images of its size, eval mode, no gradients, and each precision (``fp32``;
 ``bf16``: the whole call under ``torch.autocast(bfloat16)``, weights kept in fp32), it times:
 
 * ``encode``: ``model.encode(pixels, num_tokens=m)``, and ``vae_encoder``: ``model.latent_space.encode``
@@ -41,6 +41,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.results import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ("adatok-tiny", "adatok-s", "adatok-b", "adatok-l")
@@ -322,17 +325,17 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated tokenizer presets")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated: fp32, bf16")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="timed calls of each op (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each op first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput.json"),
                         help="the JSON file; the markdown table goes beside it (.md)")
-    parser.add_argument("--markdown-only", action="store_true",
+    parser.add_argument("--markdown_only", action="store_true",
                         help="measure nothing: rewrite the .md beside --out from the JSON already there")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -347,7 +350,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--precisions must name some of {PRECISIONS}, got {args.precisions}")
     for name in ("batch_size", "repeats", "threads"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     return args
@@ -358,13 +361,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if args.markdown_only:
         if not out.is_file():
-            raise FileNotFoundError(f"--markdown-only rewrites the table from --out's JSON, and {out} does not exist")
-        record = json.loads(out.read_text(encoding="utf-8"))
+            raise FileNotFoundError(f"--markdown_only rewrites the table from --out's JSON, and {out} does not exist")
+        record = json.loads(out.read_text(encoding="utf-8"))      # rewritten as read, the table redrawn
     else:
         record = run(args)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(markdown(record), encoding="utf-8")
+    write_results(out, record, markdown(record))
     print(markdown(record))
     return record
 

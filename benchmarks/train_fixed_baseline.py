@@ -15,11 +15,11 @@ per-length rMSE table (``metrics.json``) on the same held-out photos. Extra argu
 under load (2-2.5 hours); the NTM model's stage 1 took 2,969 s.
 """
 
-import argparse
 import subprocess
 import sys
 
 from adatok_vlm.training.config import configs_dir, load_yaml
+from adatok_vlm.training.flags import FlagParser
 
 NTM_FIELDS = ("ntm_min_tokens", "ntm_max_tokens", "ntm_full_prob", "ntm_distribution")
 
@@ -38,11 +38,11 @@ def differences(ntm: dict, fixed: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, help="where the run goes; the tokenizer lands in DIR/model")
     parser.add_argument("--config", default=str(configs_dir() / "tokenizer" / "adatok-natural-fixed.yaml"),
                         help="the fixed-length stage-1 config")
-    parser.add_argument("--ntm-config", default=str(configs_dir() / "tokenizer" / "adatok-natural.yaml"),
+    parser.add_argument("--ntm_config", default=str(configs_dir() / "tokenizer" / "adatok-natural.yaml"),
                         help="the NTM model's stage-1 config it must match step for step")
     args, rest = parser.parse_known_args(argv)
     fixed, ntm = load_yaml(args.config), load_yaml(args.ntm_config)

@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.results import write_results
 
 CPU_CLOCK_NOTE = "CPU time of this process, robust on a shared machine"
 
@@ -322,28 +324,14 @@ def merge_results(results: list[dict], note: str = "") -> dict:
     return merged
 
 
-def _standard_json(value):
-    """``value`` with every non-finite float (an undefined Spearman) as ``None``: ``json.dumps`` would write a bare
-    ``NaN``, which is not JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _standard_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_standard_json(v) for v in value]
-    return value
-
-
-def write_result(result: dict, out: Path) -> None:
-    """``out`` (JSON, non-finite numbers as null) and the markdown beside it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_standard_json(result), indent=2, default=str, allow_nan=False) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+def write_result(result: dict, out) -> None:
+    """``out`` (JSON; an undefined Spearman, a non-finite number, as null) and the markdown beside it."""
+    paths = write_results(out, result, markdown(result))
+    print(f"wrote {paths[0]} and {paths[1]}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vlm", action="append", default=[], help="a train_vlm export (<output_dir>/model); repeat")
     p.add_argument("--merge", nargs="+", default=[], help="earlier runs' JSON files to combine into --out "
                                                           "(instead of --vlm)")
@@ -373,7 +361,7 @@ def main(argv=None) -> dict:
         result = merge_results([json.loads(Path(f).read_text()) for f in args.merge], note=args.note)
         result["commands"].append(f"python benchmarks/vlm_understanding.py --merge {' '.join(args.merge)} --out "
                                   f"{args.out}" + (" --note NOTE (the note above)" if args.note else ""))
-        write_result(result, Path(args.out))
+        write_result(result, args.out)
         return result
     if args.name and len(args.name) != len(args.vlm):
         raise SystemExit("--name: give one per --vlm, or none")
@@ -387,7 +375,7 @@ def main(argv=None) -> dict:
               "clock": CPU_CLOCK_NOTE if clock_name == "cpu" else "wall", "platform": platform.platform(),
               "torch": torch.__version__, "seed": args.seed, "note": args.note, "models": models,
               "command": "python benchmarks/vlm_understanding.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    write_result(result, Path(args.out))
+    write_result(result, args.out)
     return result
 
 

@@ -298,17 +298,21 @@ def markdown_table(result: dict) -> str:
 
 def render(path: Path) -> dict:
     """Re-derive the ratios, checks and table of an existing result file (no new measurement)."""
+    from adatok_vlm.training.results import write_results
+
     result = json.loads(path.read_text())
     result.update(compare(result["rows"]))
     result["rendered_by"] = f"python benchmarks/zero_memory.py --render {path}"
-    path.write_text(json.dumps(result, indent=2))
-    path.with_suffix(".md").write_text(markdown_table(result))
+    write_results(path, result, markdown_table(result))
     print(markdown_table(result))
     return result
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from adatok_vlm.training.flags import FlagParser
+    from adatok_vlm.training.results import write_results
+
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/zero_memory.json")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from {','.join(MODES)}")
@@ -340,8 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = summarise(records)
     result["command"] = "python benchmarks/zero_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result["precision"] = args.precision
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown_table(result))
+    write_results(out, result, markdown_table(result))
     for f in [plan_path, *out.parent.glob(plan_path.name + ".rank*")]:
         f.unlink()
     print(markdown_table(result))

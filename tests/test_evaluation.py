@@ -119,6 +119,41 @@ def test_errors_at_lengths_match_the_model_s_own_reconstruction_error():
         errors_at_lengths(model, unit, [])
 
 
+@pytest.mark.parametrize("variant", ["continuous", "fsq"])
+def test_search_oracle_and_reconstruction_error_match_a_direct_computation(variant):
+    """``encode``'s search and oracle modes and ``reconstruction_error`` all measure through
+    ``AdaTokModel.errors_at_lengths``; each agrees with error curves computed here by hand (decode every
+    prefix, pixel MSE), with the binary search replayed on them and the oracle's best reward taken from them.
+    A large ``reward_alpha`` makes the oracle follow the error curves, so its lengths differ per image."""
+    from adatok_vlm.tokenizer.allocation import binary_search_lengths
+
+    model = tiny_model(variant, reward_alpha=1000.0, reward_beta=1e-3)
+    x = torch.rand(8, 3, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(0))
+    grid = model.length_grid
+    tokens = model.encode(x).tokens
+    with torch.no_grad():
+        curves = torch.stack([(model.decode(tokens[:, :length]).float() - x).pow(2).flatten(1).mean(1)
+                              for length in grid.tolist()], 1)                               # [8, K], by hand
+    torch.testing.assert_close(model.errors_at_lengths(x, grid.tolist()), curves, rtol=0, atol=0)
+
+    model.config.search_threshold = float(curves[:, grid.numel() // 2].median())
+    columns = {int(length): k for k, length in enumerate(grid.tolist())}
+    rows = torch.arange(x.shape[0])
+    expected_search = binary_search_lengths(lambda lens: curves[rows, [columns[int(v)] for v in lens]], grid,
+                                            model.config.search_threshold, x.shape[0])
+    spec = model.reward_spec()
+    expected_oracle = grid[spec(curves, grid[None].float().expand_as(curves), model.num_latent_tokens).argmax(1)]
+    for mode, expected in (("search", expected_search), ("oracle", expected_oracle)):
+        lengths = model.encode(x, num_tokens=mode).lengths
+        assert lengths.tolist() == expected.tolist(), mode
+        assert len(set(lengths.tolist())) > 1, (mode, lengths)             # the images really differ
+        by_hand = curves[rows, [columns[int(v)] for v in lengths]]
+        torch.testing.assert_close(model.reconstruction_error(x, mode), by_hand, rtol=0, atol=0)
+    per_image = torch.tensor([1, 3, 7, 12, 2, 5, 9, 4])
+    torch.testing.assert_close(model.reconstruction_error(x, per_image), curves[rows, [columns[int(v)] for v in per_image]], rtol=0, atol=0)
+    torch.testing.assert_close(model.reconstruction_error(x), curves[:, -1], rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # data-set evaluation at every length mode
 # --------------------------------------------------------------------------------------------------
@@ -232,9 +267,9 @@ def test_cli_writes_every_file_it_promises(adatok_cache, saved_model, tmp_path):
     out = tmp_path / "eval"
     code = main(["evaluate", "--model", str(saved_model), "--data", "natural_crops", "--split", "test", "--limit", "8",
                  "--lengths", "1,2,8,auto,search,max_mse=0.05", "--metrics",
-                 "rmse,psnr,ssim,lpips,rqpr,reward,fd_vgg16", "--rqpr-thresholds", "0.02,0.05", "--vgg-resize", "none",
-                 "--samples", str(samples), "--out", str(out), "--batch-size", "3", "--device", "cpu",
-                 "--grid-images", "4", "--no-progress"])
+                 "rmse,psnr,ssim,lpips,rqpr,reward,fd_vgg16", "--rqpr_thresholds", "0.02,0.05", "--vgg_resize", "none",
+                 "--samples", str(samples), "--out", str(out), "--batch_size", "3", "--device", "cpu",
+                 "--grid_images", "4", "--no_progress"])
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
     expected = {"metrics.json", "metrics.md", "reconstructions.png", "rmse_vs_tokens.png", "psnr_vs_tokens.png",

@@ -303,8 +303,10 @@ def test_two_ranks_compute_what_one_process_computes(tmp_path, adatok_cache):
     torch.save(photos, tmp_path / "photos.pt")
     vgg = build_feature_extractor("fd_vgg16", vgg_resize=None)     # converts the weights once, for the ranks too
 
+    # fork: the ranks start from this process's imports (a spawned rank re-imports torch and adatok_vlm, ~10 s of
+    # CPU each on the shared cores); each still builds its own process group, extractor and model.
     ctx = mp.start_processes(_two_rank_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
+                             start_method="fork")
     started = time.time()
     while not ctx.join(timeout=5):
         if time.time() - started > 300:

@@ -167,3 +167,16 @@ def test_bad_speed_options_are_clear_errors():
         VAELatentSpace(TINY_VA, random_init=True, autocast="int8")
     with pytest.raises(TypeError, match="channels_last must be a bool"):
         VAELatentSpace(TINY_VA, random_init=True, channels_last="yes")
+
+
+def test_the_model_config_sets_the_vae_autocast_and_checks_it():
+    """``AdaTokConfig.vae_autocast`` reaches the model's latent space (and survives save/load); a bad value is a
+    ValueError naming the field, not a failure at the first encode."""
+    from adatok_vlm import AdaTokConfig
+
+    model = tiny_model("vae", vae_config=TINY_VA, vae_autocast="bfloat16")
+    assert model.latent_space.autocast == "bfloat16"
+    assert AdaTokConfig.from_dict(model.config.to_dict()).vae_autocast == "bfloat16"
+    assert tiny_model("vae", vae_config=TINY_VA).latent_space.autocast is None
+    with pytest.raises(ValueError, match="AdaTokConfig.vae_autocast must be None or one of"):
+        AdaTokConfig(latent_space="vae", vae_config=TINY_VA, vae_autocast="int8")

@@ -34,13 +34,13 @@ def models(tmp_path_factory):
 
 def run(models, out, *extra):
     code = cli(["sample-c2i", "--dit", str(models / "dit"), "--tokenizer", str(models / "tokenizer"),
-                "--num-steps", "3", "--out", str(out), *extra])
+                "--num_steps", "3", "--out", str(out), *extra])
     assert code == 0
 
 
 def test_writes_every_promised_file(models, tmp_path):
-    run(models, tmp_path, "--classes", "all", "--per-class", "5", "--cfg-scale", "2.0", "--seed", "3",
-        "--batch-size", "4")
+    run(models, tmp_path, "--classes", "all", "--per_class", "5", "--cfg_scale", "2.0", "--seed", "3",
+        "--batch_size", "4")
     pngs = sorted((tmp_path / "images").glob("*.png"))
     assert len(pngs) == 15
     assert [p.name for p in pngs[:6]] == [f"{i:06d}_c0000.png" for i in range(5)] + ["000005_c0001.png"]
@@ -61,9 +61,9 @@ def test_writes_every_promised_file(models, tmp_path):
 
 
 def test_seeded_and_fixed_lengths(models, tmp_path):
-    run(models, tmp_path / "a", "--classes", "2,0", "--per-class", "2", "--seed", "7")
-    run(models, tmp_path / "b", "--classes", "2,0", "--per-class", "2", "--seed", "7")
-    run(models, tmp_path / "c", "--classes", "2,0", "--per-class", "2", "--seed", "8", "--num-tokens", "4")
+    run(models, tmp_path / "a", "--classes", "2,0", "--per_class", "2", "--seed", "7")
+    run(models, tmp_path / "b", "--classes", "2,0", "--per_class", "2", "--seed", "7")
+    run(models, tmp_path / "c", "--classes", "2,0", "--per_class", "2", "--seed", "8", "--num_tokens", "4")
     a, b, c = (np.load(tmp_path / d / "samples_4x32x32x3.npz") for d in "abc")
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     assert a["labels"].tolist() == [2, 2, 0, 0]

@@ -23,8 +23,8 @@ def model_dir(assets, tmp_path_factory):  # noqa: F811
 def test_prompts_write_pngs_a_grid_and_token_counts(model_dir, tmp_path, capsys):
     out = tmp_path / "t2i"
     summary = sample_t2i.main(["--model", model_dir, "--prompt", "a red square", "--prompt", "picture 3",
-                               "--num-images", "2", "--out", str(out), "--seed", "0", "--max-image-tokens", "4",
-                               "--batch-size", "3"])
+                               "--num_images", "2", "--out", str(out), "--seed", "0", "--max_image_tokens", "4",
+                               "--batch_size", "3"])
     printed = capsys.readouterr().out
     records = summary["images"]
     assert len(records) == 4 and [r["prompt"] for r in records] == ["a red square"] * 2 + ["picture 3"] * 2
@@ -35,7 +35,7 @@ def test_prompts_write_pngs_a_grid_and_token_counts(model_dir, tmp_path, capsys)
     assert (out / "grid.png").is_file()
     assert json.loads((out / "summary.json").read_text())["images"] == records
     # the same command and seed give the same images
-    args = ["--model", model_dir, "--prompt", "a red square", "--num-images", "2", "--max-image-tokens", "4"]
+    args = ["--model", model_dir, "--prompt", "a red square", "--num_images", "2", "--max_image_tokens", "4"]
     one = sample_t2i.main(args + ["--out", str(tmp_path / "one")])
     two = sample_t2i.main(args + ["--out", str(tmp_path / "two")])
     assert [r["num_tokens"] for r in one["images"]] == [r["num_tokens"] for r in two["images"]]
@@ -44,14 +44,14 @@ def test_prompts_write_pngs_a_grid_and_token_counts(model_dir, tmp_path, capsys)
 
 
 def test_exact_lengths_and_guidance(model_dir, tmp_path):
-    summary = sample_t2i.main(["--model", model_dir, "--prompt", "a bag", "--num-images", "3", "--out",
-                               str(tmp_path), "--num-image-tokens", "3", "--cfg", "2.0", "--steps", "2"])
+    summary = sample_t2i.main(["--model", model_dir, "--prompt", "a bag", "--num_images", "3", "--out",
+                               str(tmp_path), "--num_image_tokens", "3", "--cfg", "2.0", "--steps", "2"])
     assert [r["num_tokens"] for r in summary["images"]] == [3, 3, 3]
 
 
 def test_classes_all_writes_one_grid_per_class(model_dir, tmp_path):
-    summary = sample_t2i.main(["--model", model_dir, "--classes", "all", "--num-images", "2", "--out", str(tmp_path),
-                               "--max-image-tokens", "3"])
+    summary = sample_t2i.main(["--model", model_dir, "--classes", "all", "--num_images", "2", "--out", str(tmp_path),
+                               "--max_image_tokens", "3"])
     assert sorted({r["class"] for r in summary["images"]}) == list(range(len(CLASSES)))
     assert {r["prompt"] for r in summary["images"]} == {"a red square", "a blue disc", "a green bar", "an apple"}
     grids = sorted(p.name for p in tmp_path.glob("grid_*.png"))
@@ -59,8 +59,8 @@ def test_classes_all_writes_one_grid_per_class(model_dir, tmp_path):
     assert len(list((tmp_path / "images").glob("*.png"))) == 2 * len(CLASSES)
     from adatok_vlm.cli import main as cli   # `adatok sample-c2i --generator ar` reaches the VLM sampler
 
-    assert cli(["sample-c2i", "--generator=ar", "--model", model_dir, "--classes", "1,apple", "--per-class", "1",
-                "--out", str(tmp_path / "c2i"), "--num-steps", "2"]) == 0
+    assert cli(["sample-c2i", "--generator=ar", "--model", model_dir, "--classes", "1,apple", "--per_class", "1",
+                "--out", str(tmp_path / "c2i"), "--num_steps", "2"]) == 0
     summary = json.loads((tmp_path / "c2i" / "summary.json").read_text())
     assert [r["class"] for r in summary["images"]] == [1, 3] and (tmp_path / "c2i" / "grid.png").is_file()
 

@@ -66,11 +66,11 @@ def test_the_benchmark_writes_json_and_markdown_at_the_tiny_preset(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| adatok-tiny | fp32 |" in md and "| adatok-tiny | bf16 | 4 |" in md
     assert saved["command"] in md and "1 thread(s)" in md
-    out.with_suffix(".md").unlink()                     # --markdown-only rewrites the table, measuring nothing
-    assert script.main(["--markdown-only", "--out", str(out)]) == saved
+    out.with_suffix(".md").unlink()                     # --markdown_only rewrites the table, measuring nothing
+    assert script.main(["--markdown_only", "--out", str(out)]) == saved
     assert out.with_suffix(".md").read_text() == md
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        script.main(["--markdown-only", "--out", str(tmp_path / "none.json")])
+        script.main(["--markdown_only", "--out", str(tmp_path / "none.json")])
 
 
 def test_a_vae_model_reports_the_vae_share_and_the_channels_last_speedup():

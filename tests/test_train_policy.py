@@ -228,3 +228,38 @@ def test_a_policy_reading_image_statistics_trains_online_and_from_a_table_and_re
     _, hidden, _, _ = model.forward_encoder(images)
     with pytest.raises(ValueError, match="pass pixel_values"):
         model.policy_features(hidden)
+
+
+def test_a_policy_reading_the_bottleneck_tokens_trains_from_a_table_and_reloads(stage1, tmp_path):
+    """``model.policy_token_features``: the policy's input grows by the m bottleneck tokens, flattened in prefix
+    order; they are exactly the tokens ``forward_encoder`` gives the decoder (one encoder pass), so the table's
+    features, the online step's and ``encode("auto")``'s agree, and the model reloads with that input width."""
+    summary = main(["--tokenizer", stage1, "--output_dir", str(tmp_path), "--max_steps", "4", "--train.batch_size",
+                    "8", "--train.log_every", "1", "--train.save_every", "0", "--data.dataset", "natural_crops",
+                    "--data.num_crops", "256", "--model.policy_token_features", "true", "--train.reward_table",
+                    "true", "--train.table_size", "24", "--train.val_size", "16"])
+    model = transformers.AutoModel.from_pretrained(summary["model_dir"]).eval()
+    c = model.config
+    assert c.policy_token_features is True and c.policy_image_statistics is False
+    width = c.num_latent_tokens * c.token_dim
+    assert model.policy.mlp.in_dim == 2 * c.hidden_size + width == model.quality_head.mlp.in_dim
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens, hidden, _, _ = model.forward_encoder(images)
+        features = model.policy_features(hidden)
+    assert features.shape == (3, 2 * c.hidden_size + width)
+    torch.testing.assert_close(features[:, -width:], tokens.flatten(1))
+    # the tokens carry what the means do not: two images' features differ in that tail
+    assert not torch.allclose(features[0, -width:], features[1, -width:])
+    from safetensors.torch import load_file
+
+    table = load_file(str(tmp_path / "reward_table" / "train.safetensors"))
+    assert table["features"].shape == (24, 2 * c.hidden_size + width)
+    assert model.encode(images, num_tokens="auto").lengths.shape == (3,)
+
+
+def test_policy_token_features_must_be_a_bool():
+    from adatok_vlm.tokenizer import AdaTokConfig
+
+    with pytest.raises(TypeError, match="policy_token_features must be a bool"):
+        AdaTokConfig.from_preset("adatok-tiny", policy_token_features="yes")

@@ -690,8 +690,10 @@ def test_synced_gpus_two_real_processes_finish_together(tmp_path):
 
     import torch.multiprocessing as mp
 
+    # fork: the ranks start from this process's imports instead of re-importing torch and adatok_vlm (~10 s of
+    # CPU each on the shared cores); each still builds its own process group and model.
     ctx = mp.start_processes(_synced_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
+                             start_method="fork")
     deadline, started = 120.0, time.time()
     while not ctx.join(timeout=5):
         if time.time() - started > deadline:

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .latent_space import VAE_AUTOCAST_DTYPES
 from .loading import check_config_source
 from .validation import check_size_bounds, estimate_adatok_parameters
 
@@ -47,6 +48,10 @@ class AdaTokConfig(PretrainedConfig):
             scalar pair. ``None`` takes them from ``vae_config``'s ``latents_mean`` / ``latents_std``, else
             from the ``config.json`` at ``vae_path`` (where ``adatok latent-stats`` writes them) when the
             VAE weights are read, unless a scalar factor is set; they are then saved in the model's buffers.
+        vae_autocast (`str`, *optional*): run the frozen VAE alone under ``torch.autocast`` with this dtype
+            (``"bfloat16"`` or ``"float16"``) even when the caller does not; ``None`` (the default) runs it in
+            its own dtype. bf16 on a CPU with AMX made the VA-VAE encoder 2.5-3x faster
+            (``benchmarks/results/throughput.md``); the latents then differ from fp32 ones by bf16 rounding.
         patch_size (`int`): patch side in the latent grid.
         hidden_size / num_encoder_layers / num_attention_heads: the ViT encoder.
         decoder_hidden_size / num_decoder_layers / decoder_num_attention_heads: the ViT decoder
@@ -81,6 +86,11 @@ class AdaTokConfig(PretrainedConfig):
             detail: std, gradients, Laplacian) to the policy's pooled encoder features. The pooled
             features also say *which* photo an image is, which a policy trained on a few photos
             memorises; these say how much detail it has, the same way for every photo.
+        policy_token_features (`bool`): append the ``m`` bottleneck tokens themselves (flattened, ``m *
+            token_dim`` values: what the decoder reads, in prefix order) to the policy's features, so the
+            policy sees how much each next token adds instead of a mean over all of them. Still one
+            encoder pass: the tokens are the encoder's output (the bottleneck in eval mode is
+            deterministic).
         reward_kind (`str`): ``"continuous"`` (eq. 6) or ``"structured"`` (eq. 7), used by stage 2
             and by ``num_tokens="oracle"``; reward_alpha / reward_beta / reward_gamma /
             reward_rl_base are the paper's alpha, beta, gamma and rl_base.
@@ -102,6 +112,7 @@ class AdaTokConfig(PretrainedConfig):
     vae_shift_factor: float | None = None
     vae_latent_mean: list[float] | None = None
     vae_latent_std: list[float] | None = None
+    vae_autocast: str | None = None
     patch_size: int = 4
     hidden_size: int = 128
     num_encoder_layers: int = 4
@@ -131,6 +142,7 @@ class AdaTokConfig(PretrainedConfig):
     policy_num_layers: int = 2
     policy_dropout: float = 0.0
     policy_image_statistics: bool = False
+    policy_token_features: bool = False
     reward_kind: str = "continuous"
     reward_alpha: float = 20.0
     reward_beta: float = 0.2
@@ -180,6 +192,9 @@ class AdaTokConfig(PretrainedConfig):
             positive(name)
         if self.latent_space not in LATENT_SPACES:
             raise ValueError(f"AdaTokConfig.latent_space must be one of {LATENT_SPACES}, got {self.latent_space!r}")
+        if self.vae_autocast is not None and self.vae_autocast not in VAE_AUTOCAST_DTYPES:
+            raise ValueError(f"AdaTokConfig.vae_autocast must be None or one of {VAE_AUTOCAST_DTYPES}, got "
+                             f"{self.vae_autocast!r}")
         if self.bottleneck not in BOTTLENECKS:
             raise ValueError(f"AdaTokConfig.bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}")
         if self.token_regularizer not in TOKEN_REGULARIZERS:
@@ -221,9 +236,9 @@ class AdaTokConfig(PretrainedConfig):
             )
         if not math.isfinite(float(self.quality_margin)):
             raise ValueError(f"AdaTokConfig.quality_margin must be finite, got {self.quality_margin}")
-        if not isinstance(self.policy_image_statistics, bool):
-            raise TypeError("AdaTokConfig.policy_image_statistics must be a bool, got "
-                            f"{type(self.policy_image_statistics).__name__}")
+        for name in ("policy_image_statistics", "policy_token_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"AdaTokConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if not 0.0 <= float(self.policy_dropout) < 1.0:
             raise ValueError(f"AdaTokConfig.policy_dropout must be in [0, 1), got {self.policy_dropout}")
         if self.reward_kind not in ("continuous", "structured"):

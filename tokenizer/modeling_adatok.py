@@ -64,6 +64,12 @@ def unpack_image_tokens(packed: torch.Tensor, lengths: torch.Tensor) -> torch.Te
     return out
 
 
+def pixel_mse(reconstruction: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error ``[B]`` in float32 of two image batches ``[B, C, H, W]``: the paper's
+    rMSE and the reconstruction loss ``rl`` of the rewards (eq. 6/7)."""
+    return (reconstruction.float() - pixel_values.float()).pow(2).flatten(1).mean(1)
+
+
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C]``, patches in row-major order."""
     b, c, h, w = x.shape
@@ -363,7 +369,7 @@ class AdaTokModel(AdaTokPreTrainedModel):
         self.latent_space = build_latent_space(
             config.latent_space, config.num_channels, config.vae_config, config.vae_path,
             config.vae_scaling_factor, config.vae_shift_factor, config.vae_random_init,
-            latent_mean=config.vae_latent_mean, latent_std=config.vae_latent_std,
+            latent_mean=config.vae_latent_mean, latent_std=config.vae_latent_std, vae_autocast=config.vae_autocast,
         )
         m, n = config.num_latent_tokens, config.num_patches
         self.encoder = AdaTokEncoder(config.patch_dim, n, m, config.hidden_size, config.num_encoder_layers,
@@ -403,7 +409,8 @@ class AdaTokModel(AdaTokPreTrainedModel):
 
     def _build_policy(self) -> None:
         c = self.config
-        feature_dim = 2 * c.hidden_size + (len(IMAGE_STATISTICS) if c.policy_image_statistics else 0)
+        feature_dim = (2 * c.hidden_size + (len(IMAGE_STATISTICS) if c.policy_image_statistics else 0)
+                       + (c.num_latent_tokens * c.token_dim if c.policy_token_features else 0))
         # Built on the CPU even inside from_pretrained's meta-device context: the heads validate
         # their length grid with real values. They are small; their weights load right after.
         with torch.device("cpu"):
@@ -430,9 +437,10 @@ class AdaTokModel(AdaTokPreTrainedModel):
                           rl_base=c.reward_rl_base)
 
     def policy_features(self, hidden: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Detached policy input ``[B, 2*dim (+9)]``: mean patch features and mean token features, then
+        """Detached policy input ``[B, 2*dim (+9) (+m*D)]``: mean patch features and mean token features, then
         ``image_statistics(pixel_values)`` when ``config.policy_image_statistics`` (the pixels the
-        encoder read)."""
+        encoder read), then the ``m`` bottleneck tokens flattened in prefix order when
+        ``config.policy_token_features`` (recomputed from ``hidden``'s suffix: eval-mode bottleneck, no noise)."""
         n = self.config.num_patches
         features = torch.cat([hidden[:, :n].mean(1), hidden[:, n:].mean(1)], dim=-1)
         if self.config.policy_image_statistics:
@@ -440,6 +448,9 @@ class AdaTokModel(AdaTokPreTrainedModel):
                 raise ValueError("policy_features: this policy reads image statistics; pass pixel_values "
                                  "[B, C, H, W], the images the encoder read")
             features = torch.cat([features, image_statistics(pixel_values).to(features)], dim=-1)
+        if self.config.policy_token_features:
+            tokens, _ = self.bottleneck(hidden[:, n:], sample=False)         # [B, m, D]
+            features = torch.cat([features, tokens.flatten(1).to(features)], dim=-1)
         return features.detach()
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
@@ -539,8 +550,7 @@ class AdaTokModel(AdaTokPreTrainedModel):
         b = x.shape[0]
         if mode in ("search", "oracle"):
             def error_fn(lengths: torch.Tensor) -> torch.Tensor:
-                recon = self.decode(tokens[:, : int(lengths.max())], lengths)
-                return (recon.float() - x.float()).pow(2).flatten(1).mean(1)
+                return self.errors_at_lengths(x, lengths, tokens)[:, 0]
 
             grid = self.length_grid.to(x.device)
             if mode == "search":
@@ -607,11 +617,49 @@ class AdaTokModel(AdaTokPreTrainedModel):
         return self.decode(tokens, lengths)
 
     @torch.no_grad()
+    def errors_at_lengths(self, pixel_values: torch.Tensor, lengths,
+                          tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The one "error at every length": per-image pixel MSE ``[B, K]`` of ``pixel_values`` reconstructed
+        from each column of ``lengths`` (the reconstruction loss ``rl`` of the rewards, eq. 6/7; rMSE, Sec. 5.3).
+
+        Everything that measures an AdaTok at several lengths goes through here: ``encode``'s ``"search"``
+        and ``"oracle"`` modes, :meth:`reconstruction_error`, and every rMSE curve, reward table or ablation
+        measured from outside, so they cannot drift apart.
+
+        Args:
+            pixel_values: float ``[B, 3, H, W]`` in [0, 1]; the error is measured against them as given (in
+                their own dtype, cast to float32), on this model's device.
+            lengths: K ints (column k: every image at ``lengths[k]``), a LongTensor ``[B]`` (one length per
+                image; K = 1) or ``[B, K]``.
+            tokens: the images' tokens ``[B, L, D]`` (L at least the longest length) when the caller has them
+                already (``forward_encoder``, ``encode``); else the images are encoded here. Either way the
+                encoder runs at most once and the decoder once per column (the prefixes nest).
+        Returns:
+            float32 ``[B, K]`` on this model's device.
+        """
+        check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels)
+        x = pixel_values.to(self.device)
+        b = x.shape[0]
+        if isinstance(lengths, torch.Tensor):
+            if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.dim() not in (1, 2) \
+                    or lengths.shape[0] != b:
+                raise ValueError(f"lengths: expected an integer tensor [{b}] or [{b}, K], got {lengths.dtype} "
+                                 f"{tuple(lengths.shape)}")
+            columns = (lengths[:, None] if lengths.dim() == 1 else lengths).to(self.device, torch.long).unbind(1)
+        else:
+            columns = [torch.full((b,), int(length), dtype=torch.long, device=self.device) for length in lengths]
+        if not columns:
+            raise ValueError("lengths: expected at least one length")
+        if tokens is None:
+            tokens = self.encode(x).tokens                                 # all m tokens, once
+        return torch.stack([pixel_mse(self.decode(tokens[:, : int(lens.max())], lens), x) for lens in columns], 1)
+
+    @torch.no_grad()
     def reconstruction_error(self, pixel_values: torch.Tensor, num_tokens=None) -> torch.Tensor:
-        """Per-image pixel MSE ``[B]`` (images in [0, 1]) of the reconstruction from ``num_tokens``."""
+        """Per-image pixel MSE ``[B]`` (images in [0, 1]) of the reconstruction from ``num_tokens``
+        (any length or mode of :meth:`encode`; measured by :meth:`errors_at_lengths`)."""
         enc = self.encode(pixel_values, num_tokens)
-        recon = self.decode(enc.tokens, enc.lengths)
-        return (recon.float() - pixel_values.float()).pow(2).flatten(1).mean(1)
+        return self.errors_at_lengths(pixel_values, enc.lengths, enc.tokens)[:, 0]
 
     def forward(self, pixel_values: torch.Tensor | None = None, num_tokens=None, return_reconstruction: bool = True,
                 generator: torch.Generator | None = None, return_dict: bool = True,

@@ -354,8 +354,12 @@ def build_cache(cfg: CacheLatentsConfig) -> dict:
     vae = load_pretrained_vae(vae_path).to(device).eval().requires_grad_(False)
     fingerprint = vae_fingerprint(vae)
 
+    # Not from a stream: stage 1 reads the cache by the image positions of its map-style training set and
+    # refuses data.latents with a stream, so a cache of a stream could never be read back.
     dataset = require_map_style(load_split(cfg.data, cfg.data.train_split, tc.seed), cfg.data,
-                                "cache-latents (the cache is indexed by image position)")
+                                "cache-latents (stage 1 reads a latent cache by image position in a map-style "
+                                "training set and refuses data.latents with a stream, so the cache must be built "
+                                "from the same map-style set)")
     if cfg.data.limit:
         dataset = dataset.select(range(min(cfg.data.limit, len(dataset))))
     recipe = crop_recipe(cfg.data, model_config.image_size, tc.seed, tc.crops_per_image, num_items=len(dataset),

@@ -71,8 +71,8 @@ from safetensors.torch import save_file
 
 from .integrity import (CHECKSUM_CHUNK, MANIFEST, STATE_FILE, CheckpointCorruptError, CheckpointError,
                         CheckpointFileMissingError, CheckpointSkippedWarning, CheckpointWriteError, _corrupt,
-                        _jsonable_config, _read_json, _read_state, _read_tensors, build_manifest, config_differences,
-                        file_checksum, verify_checkpoint)
+                        _jsonable_config, _read_json, _read_state, _read_tensors, build_manifest, config_defaults,
+                        config_differences, file_checksum, verify_checkpoint)
 from .run_lock import (LOCK_FILE, RUN_ENTRIES, OutputDirLock, OutputDirLockedError, OutputDirNotEmptyError,
                        _pid_alive, clear_interrupted_overwrites, remove_run_entries)
 
@@ -248,7 +248,9 @@ class CheckpointManager:
 
     ``model_config`` (a dict, or a config with ``to_dict()``) is recorded in every manifest and
     compared on load, before any weights are touched: a changed architecture is a ``ValueError``
-    listing each differing field. ``any_rank`` (``lambda flag: distributed.any_rank(accelerator,
+    listing each differing field. A field the saved config lacks (written before the field existed)
+    counts as its default: ``model_config_defaults`` (the class's defaults, as a dict), else the defaults
+    of ``model_config``'s class when it is a config object. ``any_rank`` (``lambda flag: distributed.any_rank(accelerator,
     flag)``) lets every rank learn that the main process failed to claim the folder or to write a
     checkpoint, so none waits forever. ``claim``/``release`` own the output folder (see the module
     docstring); without them nothing is locked or refused.
@@ -258,7 +260,8 @@ class CheckpointManager:
                  keep: int = 2, is_main_process: bool = True, *, engines: dict[str, Any] | None = None,
                  pretrained: dict[str, Callable[[Path], None]] | None = None, rank: int = 0, world_size: int = 1,
                  local_rank: int = 0, barrier: Callable[[], None] | None = None,
-                 model_config: Mapping | None = None, any_rank: Callable[[bool], bool] | None = None):
+                 model_config: Mapping | None = None, any_rank: Callable[[bool], bool] | None = None,
+                 model_config_defaults: Mapping | None = None):
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "checkpoints"
         self.modules = modules
@@ -270,6 +273,7 @@ class CheckpointManager:
         self.rank, self.world_size, self.local_rank = int(rank), int(world_size), int(local_rank)
         self.barrier = barrier or (lambda: None)
         self.model_config = _jsonable_config(model_config)
+        self.model_config_defaults = _jsonable_config(model_config_defaults) or config_defaults(model_config)
         self.any_rank = any_rank
         self.lock = OutputDirLock(self.output_dir)
         self._nonce = secrets.token_hex(4)          # with the pid and host: this manager's temp folders
@@ -278,13 +282,15 @@ class CheckpointManager:
 
     def attach(self, modules: dict[str, Any], optimizers: dict[str, torch.optim.Optimizer], *,
                engines: dict[str, Any] | None = None, pretrained: dict[str, Callable[[Path], None]] | None = None,
-               model_config: Mapping | None = None) -> "CheckpointManager":
+               model_config: Mapping | None = None,
+               model_config_defaults: Mapping | None = None) -> "CheckpointManager":
         """Register what the checkpoints hold (as the constructor's arguments of those names), for a run that
         claims its output folder before it builds anything: ``CheckpointManager(out, {}, {}, ...).claim(...)``,
         then the model, then ``attach``. Returns self."""
         self.modules, self.optimizers = dict(modules), dict(optimizers)
         self.engines, self.pretrained = dict(engines or {}), dict(pretrained or {})
         self.model_config = _jsonable_config(model_config)
+        self.model_config_defaults = _jsonable_config(model_config_defaults) or config_defaults(model_config)
         return self
 
     @property
@@ -682,7 +688,7 @@ class CheckpointManager:
         saved = (manifest or {}).get("model_config")
         if self.model_config is None or not isinstance(saved, Mapping):
             return
-        differences = config_differences(saved, self.model_config)
+        differences = config_differences(saved, self.model_config, self.model_config_defaults)
         if differences:
             raise ValueError(f"checkpoint {path} was written for another model config: {'; '.join(differences)}. "
                              "Resume with the saved model settings, or start a new run (another output_dir, or "

@@ -19,7 +19,8 @@ weights at their random init and only logs unused ones). ``--out`` is written wi
 
 ``latent-stats`` measures each latent channel's mean and std (population std, float64, streaming) over
 ``--limit`` training images (a seeded random subset, so a class-sorted folder is not biased to its first
-classes), preprocessed exactly as stage-1 evaluation preprocesses them (``train_tokenizer``'s image
+classes; from a stream -- tar shards, ``--data.streaming true`` -- which cannot be indexed, the first ``--limit``
+items in stream order, recorded as such in ``latent_stats.json``), preprocessed exactly as stage-1 evaluation preprocesses them (``train_tokenizer``'s image
 processor with ``train=False``: no random crop or flip). It writes them into the VAE folder's
 ``config.json`` as ``latents_mean`` / ``latents_std`` (diffusers' own ``AutoencoderKL`` fields) and into
 ``latent_stats.json`` beside it (with how they were measured). ``VAELatentSpace`` then normalises
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .config import build_model_config, configs_dir, parse_config
-from .data_setup import DataConfig, build_image_processor, load_split, require_map_style, resolve_num_workers
+from .data_setup import DataConfig, build_image_processor, load_bounded_split, resolve_num_workers
 
 ARCH_ALIASES = {"sd-vae": "sd-vae-ft-ema", "sd-vae-ft-mse": "sd-vae-ft-ema", "sd-vae-f8c4": "sd-vae-ft-ema"}
 # Prefixes a released file may put in front of the autoencoder's own keys (full SD checkpoints, wrappers).
@@ -293,10 +294,11 @@ def latent_stats(cfg: LatentStatsConfig) -> dict:
         raise ValueError(f"batch_size: expected a positive int, got {cfg.batch_size!r}")
     model_config = build_model_config(cfg.model)   # the image size (and processor) the tokenizer will train with
     vae = load_pretrained_vae(vae_path)
-    dataset = require_map_style(load_split(cfg.data, cfg.data.train_split, cfg.subset_seed), cfg.data,
-                                "latent-stats (it draws a random subset by index)")
+    # A stream: its first --limit items (stream order), held in memory; map-style: a seeded random subset.
+    dataset, stream = load_bounded_split(cfg.data, cfg.data.train_split, cfg.subset_seed, cfg.limit, "latent-stats",
+                                         "--limit N (a stream's first N images are measured)")
     total = len(dataset)
-    if cfg.limit is not None and cfg.limit < total:
+    if stream is None and cfg.limit is not None and cfg.limit < total:
         order = torch.randperm(total, generator=torch.Generator().manual_seed(cfg.subset_seed))[: cfg.limit]
         dataset = dataset.select(sorted(order.tolist()))
     processor = build_image_processor(model_config, cfg.data, train=False)
@@ -307,6 +309,8 @@ def latent_stats(cfg: LatentStatsConfig) -> dict:
               "split": cfg.data.train_split, "image_size": model_config.image_size, "subset_seed": cfg.subset_seed,
               "limit": cfg.limit, "split_size": total, "vae_path": str(vae_path),
               "std": "population (ddof=0) over every latent position of every image; latents are posterior means"}
+    if stream is not None:   # not a random subset: subset_seed played no part, split_size is what was read
+        record["stream_head"] = stream
     folder = Path(os.path.expanduser(str(vae_path)))
     out = Path(cfg.out) if cfg.out else folder / "latent_stats.json"
     _write_json_atomically(out, record)

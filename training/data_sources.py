@@ -32,6 +32,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -431,10 +432,18 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
     ``StatefulDataLoader`` collects it. Without that, a resumed stream restarts its epoch from the
     beginning (same order for the same seed and epoch), so the examples already seen in the interrupted
     epoch are seen again.
+
+    ``row_split=(rank, world_size)`` reads a stream that is its first N items (``data.limit``: ``take(N)``)
+    without splitting its shards: every (rank, DataLoader worker) reads the whole head (its bytes; images are
+    decoded only by the reader that keeps them) and keeps the rows at positions ``rank * workers + worker``
+    modulo ``world_size * workers``. ``datasets`` splits a ``take(N)`` by shard group instead (each group its
+    own first ``N / groups`` items, not the stream's first N), on several ranks and on several workers alike.
+    A row without ``__key__`` is then keyed by its position in the head.
     """
 
     def __init__(self, dataset: datasets.IterableDataset, image_processor: Any, *, epoch: int = 0,
-                 image_column: str = "image", label_column: str = "label") -> None:
+                 image_column: str = "image", label_column: str = "label",
+                 row_split: tuple[int, int] | None = None) -> None:
         if not isinstance(dataset, datasets.IterableDataset):
             raise TypeError(f"dataset: expected a datasets.IterableDataset, got {type(dataset).__name__}")
         if not callable(image_processor):
@@ -446,6 +455,11 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.image_processor, self.epoch = dataset, image_processor, int(epoch)
         self.image_column, self.label_column = image_column, label_column
+        if row_split is not None:
+            rank, world_size = row_split
+            if not 0 <= rank < world_size:
+                raise ValueError(f"row_split: expected (rank, world_size) with 0 <= rank < world_size, got {row_split}")
+        self.row_split = row_split
         self.dataset.set_epoch(self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -460,13 +474,28 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
-        for number, row in enumerate(self.dataset):
+        if self.row_split is None:   # datasets gives each worker its share of the shards
+            rows = enumerate(self.dataset)
+        else:
+            rank, world_size = self.row_split
+            workers, index = (1, 0) if worker is None else (worker.num_workers, worker.id)
+            rows = islice(enumerate(_all_rows(self.dataset)), rank * workers + index, None, world_size * workers)
+        for number, row in rows:
             key = row.get("__key__")
             if key is None:
-                key = f"{0 if worker is None else worker.id}:{number}"
+                key = str(number) if self.row_split is not None else f"{0 if worker is None else worker.id}:{number}"
             label = row.get(self.label_column, -1)
             yield process_item(row[self.image_column], self.image_processor, key=key, epoch=self.epoch,
                                label=-1 if label is None else int(label), index=number)
+
+
+def _all_rows(dataset: datasets.IterableDataset, batch_size: int = 64) -> Iterator[dict]:
+    """Every row of ``dataset``, in its order, even inside a DataLoader worker: ``IterableDataset.iter``
+    reads the whole stream there, where iterating the data set itself reads only the worker's shards."""
+    for batch in dataset.iter(batch_size=batch_size):
+        columns = list(batch)
+        for i in range(len(batch[columns[0]])):
+            yield {column: batch[column][i] for column in columns}
 
 
 def build_stream_loader(
@@ -480,6 +509,7 @@ def build_stream_loader(
     shuffle_buffer: int = 0,
     seed: int = 0,
     epoch: int = 0,
+    limited: bool = False,
 ) -> DataLoader:
     """A DataLoader over this rank's part of a stream, decoded in ``num_workers`` workers.
 
@@ -487,6 +517,11 @@ def build_stream_loader(
     the epoch (the same seed on every rank, as ``split_dataset_by_node`` requires). ``num_workers=None`` ->
     :func:`default_num_workers`, capped at this rank's shard count. Workers are not persistent, so
     ``loader.dataset.set_epoch(e)`` before each epoch reaches them.
+
+    ``limited``: ``dataset`` is a stream's first N items (``take(N)``, what ``data.limit`` gives). Its rows
+    are then split, not its shards (``StreamingImageDataset(row_split=...)``), so the ranks and workers
+    together read exactly those N items, each once; a buffer shuffles them among themselves (a limited
+    stream's shard order is not shuffled). ``num_workers=None`` is then not capped by the shard count.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
@@ -496,14 +531,16 @@ def build_stream_loader(
         # A worker beyond this rank's shard count would read nothing (see shard_stream).
         total = dataset.num_shards
         per_rank = total // world_size if total % world_size == 0 else total
-        num_workers = min(default_num_workers(), max(1, per_rank))
+        num_workers = default_num_workers() if limited else min(default_num_workers(), max(1, per_rank))
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0 or None, got {num_workers!r}")
     if shuffle_buffer:
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
-    dataset = shard_stream(dataset, rank, world_size)
+    if not limited:
+        dataset = shard_stream(dataset, rank, world_size)
     return DataLoader(
-        StreamingImageDataset(dataset, image_processor, epoch=epoch),
+        StreamingImageDataset(dataset, image_processor, epoch=epoch,
+                              row_split=(rank, world_size) if limited else None),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_images,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     exit_if_help(argv, __doc__ + "\n--demo natural|fmnist picks the demo (default natural); the stage-1 "
                  "fields follow (the stage-2 ones are train-policy's: adatok train-policy --help).",
                  TokenizerTrainingConfig)
+    started, load_before = time.time(), os.getloadavg()
     argv, policy_yaml, preset = _select_demo(argv)
     config_path, overrides = parse_overrides(argv)
     raw = deep_merge(deep_merge(load_yaml(config_path), preset), overrides)
@@ -222,6 +224,13 @@ def main(argv: list[str] | None = None) -> dict:
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             print(f"length correlations: {ablation['length_correlations']}")
             written += ["lengths_ordered.png", "length_correlations.json"]
+    # The whole demo as it ran here (both stages, evaluation and figures), with the machine's load around it.
+    metrics["demo"] = {"wall_s": time.time() - started, "load_average_before": list(load_before),
+                       "load_average_after": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+                       "torch_threads": torch.get_num_threads()}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    print(f"the demo took {metrics['demo']['wall_s'] / 60:.1f} minutes (load average "
+          f"{load_before[0]:.1f} before, {metrics['demo']['load_average_after'][0]:.1f} after)")
     for name in written:
         print(f"  wrote {out_dir / name}")
     return metrics

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..tokenizer.modeling_adatok import pixel_mse
 from ..tokenizer.rewards import continuous_reward, structured_reward
 
 
@@ -44,44 +45,14 @@ def unit_pixels(x: torch.Tensor, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def errors_at_lengths(model, x: torch.Tensor, lengths, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """The one "error at every length": per-image pixel MSE ``[B, K]`` of ``x`` reconstructed from each
-    column of ``lengths`` (the paper's ``rl``, eq. 6/7; rMSE, Sec. 5.3).
+    """:meth:`AdaTokModel.errors_at_lengths <adatok_vlm.tokenizer.modeling_adatok.AdaTokModel.errors_at_lengths>`
+    (the one "error at every length", per-image pixel MSE ``[B, K]``; the paper's ``rl``, eq. 6/7) for data
+    as it comes: ``x`` uint8 or float in [0, 1] on any device, the result float32 on the CPU.
 
-    Every evaluation of an AdaTok at several lengths goes through here: :func:`per_image_mse` (rMSE
-    curves), the reward table of stage 2 (``reward_table.measure_reward_table``) and Table 2
-    (``ablation``), so they cannot drift apart.
-
-    Args:
-        model: an :class:`AdaTokModel`; ``x`` goes to its device.
-        x: images ``[B, 3, H, W]``, float in [0, 1] or uint8.
-        lengths: K ints (column k: every image at ``lengths[k]``), a LongTensor ``[B]`` (one length per
-            image; K = 1) or ``[B, K]``.
-        tokens: ``x``'s tokens ``[B, m, D]`` when the caller has them already (``model.forward_encoder``,
-            whose hidden states it also needs); else ``x`` is encoded here. Either way the encoder runs
-            once and the decoder once per column (the prefixes nest).
-    Returns:
-        float32 ``[B, K]`` on the CPU.
+    :func:`per_image_mse` (rMSE curves), the reward table of stage 2 (``reward_table.measure_reward_table``)
+    and Table 2 (``ablation``) measure through here; ``lengths`` and ``tokens`` as the method takes them.
     """
-    device = model.device
-    x = unit_pixels(x, device)
-    b = x.shape[0]
-    if isinstance(lengths, torch.Tensor):
-        if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.dim() not in (1, 2) \
-                or lengths.shape[0] != b:
-            raise ValueError(f"lengths: expected an integer tensor [{b}] or [{b}, K], got {lengths.dtype} "
-                             f"{tuple(lengths.shape)}")
-        columns = (lengths[:, None] if lengths.dim() == 1 else lengths).to(device, torch.long).unbind(1)
-    else:
-        columns = [torch.full((b,), int(length), dtype=torch.long, device=device) for length in lengths]
-    if not columns:
-        raise ValueError("lengths: expected at least one length")
-    if tokens is None:
-        tokens = model.encode(x).tokens                                    # all m tokens, once
-    out = []
-    for lens in columns:
-        recon = model.decode(tokens[:, : int(lens.max())], lens)
-        out.append(mse_per_image(recon, x))
-    return torch.stack(out, 1).cpu()
+    return model.errors_at_lengths(unit_pixels(x, model.device), lengths, tokens).cpu()
 
 
 @torch.no_grad()
@@ -140,7 +111,7 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
 def mse_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image pixel MSE ``[B]`` (the paper's rMSE / reconstruction loss ``rl``)."""
     _check_pair(x, y)
-    return (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return pixel_mse(x, y)
 
 
 def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

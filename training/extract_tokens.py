@@ -15,7 +15,8 @@ fixed (``--num_tokens 16``).
 
 * ``dataset/``: a ``datasets`` Arrow dataset (``save_to_disk``) with one row per image:
   ``tokens`` (only the ``L_i`` valid tokens, ``[L_i][D]`` float32), ``length`` (``L_i``), ``label``
-  (a ``ClassLabel`` when the source has class names) and ``index`` (the row in the source split);
+  (a ``ClassLabel`` when the source has class names) and ``index`` (the row in the source split, or
+  in a stream its position; a preloaded split numbers its readable images instead);
 * ``tokens.json``: the tokenizer's path and weight fingerprint, the length mode, ``token_dim``,
   ``max_tokens``, the class names, the per-channel mean/std of the valid tokens
   (:class:`RunningTokenStats`) and the per-class length histograms ``[C, m]``
@@ -26,6 +27,20 @@ atomically to ``shards/`` as soon as it is encoded; a restart with the same sett
 finished ones. The final dataset is assembled under a temporary name and renamed; ``tokens.json``
 is written last and marks the cache complete. Under ``accelerate launch`` rank ``r`` encodes shards
 ``r, r + W, ...``; the main process assembles.
+
+From a stream (webdataset tar shards, ``--data.streaming true``), which cannot be indexed, each cache
+shard is one *stream* shard (one tar; ``data_setup.stream_shards``), so ``extract.shard_size`` plays no
+part: rank ``r`` of ``W`` reads stream shards ``r, r + W, ...`` whole (any number of shards and ranks;
+with fewer shards than ranks the surplus ranks read nothing), every image exactly once. Each row's
+``index`` is its position in the stream read unshuffled (shards in their listed order), computed at
+assembly from the counts read per shard. A restart skips the stream shards already written and reads
+the rest from their start: exact as long as the shards and their order are unchanged (the cache's
+manifest records the data settings, not the bytes); the images of the shard being encoded when the run
+was killed are read again, never written twice. Each shard is decoded by one DataLoader worker
+(``datasets`` cannot split one shard among workers), with up to ``data.num_workers`` shards in flight
+at once. With ``data.limit`` the stream's first ``limit`` items are copied into a map-style set
+(``data_setup.load_bounded_split``, under ``<output_dir>/stream_head``, removed once the cache is
+complete) and extracted as above, with positions as indices.
 """
 
 from __future__ import annotations
@@ -50,13 +65,15 @@ from .checkpointing import write_text_atomic
 from .config import config_help, deep_merge, fill_dataclass, load_yaml, parse_overrides
 from .engine import configure_threads
 from .launch import make_accelerator
-from .data_setup import DataConfig, build_image_processor, load_split, require_map_style, resolve_num_workers
+from .data_setup import (DataConfig, build_image_processor, load_bounded_split, load_split, resolve_num_workers,
+                         stream_shards)
 from .data_sources import decide_preload
 
 META_FILE = "tokens.json"
 DATASET_DIR = "dataset"
 SHARD_DIR = "shards"
 MANIFEST = "manifest.json"
+HEAD_DIR = "stream_head"
 
 
 # =============================================================================================
@@ -186,13 +203,25 @@ def _shard_path(root: Path, index: int) -> Path:
 
 
 def _write_shard(path: Path, tokens: list[torch.Tensor], lengths: list[torch.Tensor], labels: list[torch.Tensor],
-                 indices: list[torch.Tensor], skipped: int) -> None:
-    """One shard: flat valid tokens ``[T, D]``, ``lengths/labels/index [n]``; written then renamed."""
+                 indices: list[torch.Tensor], skipped: int, read: int | None = None) -> None:
+    """One shard: flat valid tokens ``[T, D]``, ``lengths/labels/index [n]``; written then renamed. A stream
+    shard's ``index`` is the position within its stream shard and ``read`` the items it held (skipped ones too)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"tokens": torch.cat(tokens).float().contiguous(), "lengths": torch.cat(lengths).long(),
-               "labels": torch.cat(labels).long(), "index": torch.cat(indices).long(),
-               "skipped": torch.tensor(skipped)}, str(tmp))
+    tensors = {"tokens": torch.cat(tokens).float().contiguous(), "lengths": torch.cat(lengths).long(),
+               "labels": torch.cat(labels).long(), "index": torch.cat(indices).long(), "skipped": torch.tensor(skipped)}
+    if read is not None:
+        tensors["read"] = torch.tensor(read)
+    save_file(tensors, str(tmp))
     os.replace(tmp, path)
+
+
+def _collate_indexed(items):
+    """``collate_images`` plus ``index [B]``: each good item's position."""
+    from .data import collate_images
+
+    batch = collate_images(items)
+    batch["index"] = torch.tensor([it["index"] for it in items if isinstance(it, dict)], dtype=torch.long)
+    return batch
 
 
 def _images(dataset, data: DataConfig, processor, start: int, end: int, batch_size: int, preloaded):
@@ -203,7 +232,7 @@ def _images(dataset, data: DataConfig, processor, start: int, end: int, batch_si
             batch = preloaded.batch(ix)
             yield batch["pixel_values"], batch["labels"], torch.tensor(ix), 0
         return
-    from .data import ImageTransformDataset, SkippedImage, collate_images
+    from .data import ImageTransformDataset, SkippedImage
 
     class Indexed(torch.utils.data.Dataset):
         def __init__(self, inner):
@@ -216,26 +245,65 @@ def _images(dataset, data: DataConfig, processor, start: int, end: int, batch_si
             item = self.inner[i]
             return item if isinstance(item, SkippedImage) else {**item, "index": start + i}
 
-    def collate(items):
-        batch = collate_images(items)
-        batch["index"] = torch.tensor([it["index"] for it in items if isinstance(it, dict)], dtype=torch.long)
-        return batch
-
     subset = Indexed(ImageTransformDataset(dataset.select(range(start, end)), processor))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate,
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=_collate_indexed,
                                          num_workers=resolve_num_workers(subset, data.num_workers))
     for batch in loader:
         yield batch["pixel_values"], batch["labels"], batch["index"], batch["num_skipped"]
 
 
+def _stream_unit_batches(units: dict, processor, batch_size: int, num_workers: int):
+    """``(s, (pixel_values, labels, positions in shard s, skipped))`` for every batch of each stream shard
+    ``units[s]`` (in its order), then ``(s, None)`` once shard ``s`` is read. Up to ``max(1, num_workers)``
+    shards are read at once, each in its own DataLoader worker (0: in this process, one at a time), their
+    batches taken in turn."""
+    from collections import deque
+
+    from .data import SkippedImage, StreamingImageDataset
+
+    class Positioned(StreamingImageDataset):
+        def __iter__(self):   # one item per stream row, in order: its number is its position in the shard
+            for number, item in enumerate(super().__iter__()):
+                yield item if isinstance(item, SkippedImage) else {**item, "index": number}
+
+    def start(s, unit):
+        loader = torch.utils.data.DataLoader(Positioned(unit, processor), batch_size=batch_size,
+                                             collate_fn=_collate_indexed, num_workers=1 if num_workers else 0)
+        return s, iter(loader)
+
+    pending, active = deque(units.items()), deque()
+    while pending or active:
+        while pending and len(active) < max(1, num_workers):
+            active.append(start(*pending.popleft()))
+        s, batches = active.popleft()
+        batch = next(batches, None)
+        if batch is None:
+            yield s, None
+            continue
+        yield s, (batch["pixel_values"], batch["labels"], batch["index"], batch["num_skipped"])
+        active.append((s, batches))
+
+
 # =============================================================================================
 # assembly
 # =============================================================================================
-def _assemble(root: Path, num_shards: int, token_dim: int, max_tokens: int, class_names: list[str],
+def _assemble(root: Path, num_shards: int, token_dim: int, max_tokens: int, class_names: list[str] | None,
               meta: dict) -> dict:
-    """Shards -> ``dataset/`` (Arrow) + ``tokens.json`` (statistics, histograms); both atomic."""
+    """Shards -> ``dataset/`` (Arrow) + ``tokens.json`` (statistics, histograms); both atomic. Stream shards
+    (with ``read``) get their positions offset by the items of the shards before them; ``class_names`` None
+    (a stream's integer labels without names) becomes ``"0" .. str(max label)``."""
     import datasets
     import pyarrow as pa
+    from safetensors import safe_open
+
+    if class_names is None:
+        top = 0
+        for s in range(num_shards):
+            with safe_open(str(_shard_path(root, s)), "pt") as f:
+                labels = f.get_tensor("labels")
+            top = max(top, int(labels.max()) if labels.numel() else 0)
+        class_names = [str(i) for i in range(top + 1)]
+        meta = dict(meta, num_classes=len(class_names), class_names=class_names)
 
     features = datasets.Features({
         "tokens": datasets.List(datasets.List(datasets.Value("float32"), length=token_dim)),
@@ -244,11 +312,14 @@ def _assemble(root: Path, num_shards: int, token_dim: int, max_tokens: int, clas
         "index": datasets.Value("int64"),
     })
     stats = RunningTokenStats(token_dim)
-    parts, all_lengths, all_labels, skipped = [], [], [], 0
+    parts, all_lengths, all_labels, skipped, offset = [], [], [], 0, 0
     for s in range(num_shards):
         shard = load_file(str(_shard_path(root, s)))
         flat, lengths = shard["tokens"], shard["lengths"]
         skipped += int(shard["skipped"])
+        if "read" in shard:   # a stream shard: position in the shard -> position in the stream
+            shard["index"] = shard["index"] + offset
+            offset += int(shard["read"])
         if lengths.numel() == 0:
             continue
         stats.update(flat[None], torch.tensor([flat.shape[0]]))
@@ -307,30 +378,47 @@ def extract(cfg: TokenExtractionConfig) -> dict:
         raise TypeError(f"tokenizer: {cfg.tokenizer} holds a {type(model).__name__}, not an AdaTok model")
     mode = check_num_tokens(cfg.num_tokens, model)
 
-    dataset = require_map_style(load_split(cfg.data, cfg.data.train_split, ec.seed, limit=cfg.data.limit), cfg.data,
-                                "extract_tokens (its token cache stores image positions)")
-    label_feature = dataset.features.get("label")
+    import datasets
+
+    dataset = load_split(cfg.data, cfg.data.train_split, ec.seed, limit=cfg.data.limit)
+    streamed, head = isinstance(dataset, datasets.IterableDataset), None
+    if streamed and cfg.data.limit is not None:   # a taken stream cannot be cut into its shards: copy its head
+        dataset, head = load_bounded_split(cfg.data, cfg.data.train_split, ec.seed, cfg.data.limit, "extract_tokens",
+                                           "data.limit", folder=root / HEAD_DIR, accelerator=accelerator)
+        streamed = False
+    label_feature = (dataset.features or {}).get("label")
     processor = extraction_processor(cfg.tokenizer, model.config, cfg.data)
     preloaded = None
-    if decide_preload(len(dataset), model.config.image_size, preload=cfg.data.preload,
-                      preload_max_gb=cfg.data.preload_max_gb, channels=model.config.num_channels):
-        from .batches import preload_images
+    if streamed:
+        if cfg.data.preload:
+            raise ValueError(f"data.preload: true, but data.dataset {cfg.data.dataset!r} is read as a stream (its "
+                             "size is unknown); set data.preload to null or false")
+        units = stream_shards(dataset)
+        num_images, num_shards = None, len(units)
+    else:
+        if decide_preload(len(dataset), model.config.image_size, preload=cfg.data.preload,
+                          preload_max_gb=cfg.data.preload_max_gb, channels=model.config.num_channels):
+            from .batches import preload_images
 
-        preloaded = preload_images(dataset, processor)
-    num_images = len(preloaded) if preloaded is not None else len(dataset)
+            preloaded = preload_images(dataset, processor)
+        num_images = len(preloaded) if preloaded is not None else len(dataset)
+        num_shards = -(-num_images // ec.shard_size)
     if hasattr(label_feature, "names"):
         class_names = list(label_feature.names)
-    elif label_feature is not None:
-        class_names = [str(i) for i in range(int(max(dataset["label"])) + 1)]
+    elif label_feature is not None:                       # a stream's labels are counted at assembly
+        class_names = None if streamed else [str(i) for i in range(int(max(dataset["label"])) + 1)]
     else:
         class_names = ["image"]                               # no labels: one class (unconditional)
-    num_shards = -(-num_images // ec.shard_size)
 
     manifest = {"tokenizer": str(Path(cfg.tokenizer).resolve()), "tokenizer_fingerprint":
                 model_fingerprint(cfg.tokenizer), "num_tokens": mode,
                 "data": {k: v for k, v in asdict(cfg.data).items() if k != "num_workers"},
                 "processor": json.loads(json.dumps(processor.to_dict(), sort_keys=True, default=str)),
-                "num_source_images": num_images, "shard_size": ec.shard_size, "seed": ec.seed}
+                "num_source_images": num_images, "shard_size": None if streamed else ec.shard_size, "seed": ec.seed}
+    if streamed:
+        manifest["stream"] = {"num_shards": num_shards, "unit": "one cache shard per stream shard, in listed order"}
+    if head is not None:
+        manifest["stream_head"] = head
     summary = {"output_dir": str(root), "num_shards": num_shards, "complete": False}
     if (root / META_FILE).is_file() and not ec.overwrite:
         meta = json.loads((root / META_FILE).read_text(encoding="utf-8"))
@@ -359,33 +447,53 @@ def extract(cfg: TokenExtractionConfig) -> dict:
     mine = [s for s in range(rank, num_shards, world) if not _shard_path(root, s).is_file()]
     if ec.max_shards is not None:
         mine = mine[: ec.max_shards]
-    todo = sum(min(ec.shard_size, num_images - s * ec.shard_size) for s in mine)
+    todo = None if streamed else sum(min(ec.shard_size, num_images - s * ec.shard_size) for s in mine)
     if is_main:
         done = sum(1 for s in range(num_shards) if _shard_path(root, s).is_file())
-        print(f"token extraction: {num_images} images of {cfg.data.dataset}:{cfg.data.train_split} with "
-              f"{cfg.tokenizer} (num_tokens={mode}), {num_shards} shards of {ec.shard_size}, {done} already done, "
+        print(f"token extraction: {'a stream' if streamed else num_images} images of {cfg.data.dataset}:"
+              f"{cfg.data.train_split} with {cfg.tokenizer} (num_tokens={mode}), {num_shards} shards"
+              + (" (one per stream shard)" if streamed else f" of {ec.shard_size}") + f", {done} already done, "
               f"{world} process(es), device {accelerator.device}")
     bar = tqdm(total=todo, disable=not is_main, desc="encoding", unit="img", dynamic_ncols=True)
     started = time.time()
-    for s in mine:
-        start, end = s * ec.shard_size, min((s + 1) * ec.shard_size, num_images)
-        tokens, lengths, labels, indices, skipped = [], [], [], [], 0
-        for pixels, y, ix, bad in _images(dataset, cfg.data, processor, start, end, ec.batch_size, preloaded):
-            skipped += int(bad)
-            if pixels.shape[0] == 0:
-                continue
-            with accelerator.autocast():
-                enc = model.encode(pixels.to(accelerator.device), num_tokens=mode)
-            tokens.append(enc.tokens[enc.token_mask].float().cpu())             # [sum L_i, D] valid rows only
-            lengths.append(enc.lengths.cpu())
-            labels.append(y.clamp_min(0).cpu())                                 # -1 (no label) -> class 0
-            indices.append(ix.cpu())
-            bar.update(pixels.shape[0] + int(bad))
-            bar.set_postfix(mean_len=f"{float(torch.cat(lengths).float().mean()):.1f}")
-        if not lengths:
-            d = model.config.token_dim
-            tokens, lengths, labels, indices = [torch.zeros(0, d)], [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
-        _write_shard(_shard_path(root, s), tokens, lengths, labels, indices, skipped)
+
+    def unit_batches():
+        """``(shard, batch)`` for this rank's unfinished shards, ``(shard, None)`` when one is read."""
+        if streamed:
+            yield from _stream_unit_batches({s: units[s] for s in mine}, processor, ec.batch_size,
+                                            resolve_num_workers(None, cfg.data.num_workers))
+            return
+        for s in mine:
+            start, end = s * ec.shard_size, min((s + 1) * ec.shard_size, num_images)
+            for batch in _images(dataset, cfg.data, processor, start, end, ec.batch_size, preloaded):
+                yield s, batch
+            yield s, None
+
+    pending = {}   # shard -> (tokens, lengths, labels, indices, [skipped, read]) of shards being read
+    for s, batch in unit_batches():
+        tokens, lengths, labels, indices, counts = pending.setdefault(s, ([], [], [], [], [0, 0]))
+        if batch is None:
+            del pending[s]
+            if not lengths:
+                d = model.config.token_dim
+                tokens, lengths, labels, indices = [torch.zeros(0, d)], [torch.zeros(0)], [torch.zeros(0)], \
+                    [torch.zeros(0)]
+            _write_shard(_shard_path(root, s), tokens, lengths, labels, indices, counts[0],
+                         read=counts[1] if streamed else None)
+            continue
+        pixels, y, ix, bad = batch
+        counts[0] += int(bad)
+        counts[1] += pixels.shape[0] + int(bad)
+        bar.update(pixels.shape[0] + int(bad))
+        if pixels.shape[0] == 0:
+            continue
+        with accelerator.autocast():
+            enc = model.encode(pixels.to(accelerator.device), num_tokens=mode)
+        tokens.append(enc.tokens[enc.token_mask].float().cpu())             # [sum L_i, D] valid rows only
+        lengths.append(enc.lengths.cpu())
+        labels.append(y.clamp_min(0).cpu())                                 # -1 (no label) -> class 0
+        indices.append(ix.cpu())
+        bar.set_postfix(mean_len=f"{float(torch.cat(lengths).float().mean()):.1f}")
     bar.close()
     accelerator.wait_for_everyone()
     summary["encoded_shards"] = len(mine)
@@ -400,10 +508,12 @@ def extract(cfg: TokenExtractionConfig) -> dict:
         meta = {"tokenizer": manifest["tokenizer"], "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
                 "num_tokens": mode, "token_dim": int(model.config.token_dim),
                 "max_tokens": int(model.num_latent_tokens), "image_size": int(model.config.image_size),
-                "num_classes": len(class_names), "class_names": class_names, "manifest": manifest}
+                "num_classes": None if class_names is None else len(class_names), "class_names": class_names,
+                "manifest": manifest}
         meta = _assemble(root, num_shards, meta["token_dim"], meta["max_tokens"], class_names, meta)
         if not ec.keep_shards:
             shutil.rmtree(shard_root, ignore_errors=True)
+        shutil.rmtree(root / HEAD_DIR, ignore_errors=True)   # the stream's copied head (data.limit), no longer needed
         print(f"token cache: {meta['num_items']} images, mean length {meta['mean_length']:.2f} of "
               f"{meta['max_tokens']}, {meta['skipped_images']} unreadable images skipped -> {root}")
         summary["meta"] = meta

@@ -210,12 +210,29 @@ def _flat_config(config: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(saved: Mapping, now: Mapping) -> list[str]:
-    """``"field: saved X vs now Y"`` for every differing field of two (nested) config dicts."""
+def config_differences(saved: Mapping, now: Mapping, defaults: Mapping | None = None) -> list[str]:
+    """``"field: saved X vs now Y"`` for every differing field of two (nested) config dicts.
+
+    ``defaults`` (the config class's defaults, as ``now``'s dict): a field the saved config lacks (it was
+    written before that field existed) counts as its default, so adding a field to a config class does not
+    make older checkpoints unresumable while the run keeps the default."""
     a, b = _flat_config(saved), _flat_config(now)
     missing = "<absent>"
+    if defaults:
+        a = {**{key: value for key, value in _flat_config(defaults).items() if key not in a}, **a}
     return [f"{key}: saved {a.get(key, missing)!r} vs now {b.get(key, missing)!r}"
             for key in sorted(set(a) | set(b)) if a.get(key, missing) != b.get(key, missing)]
+
+
+def config_defaults(model_config) -> dict | None:
+    """The defaults of ``model_config``'s class as plain JSON data (``type(config)()``), or None when the
+    class cannot be built without arguments or ``model_config`` is a plain mapping."""
+    if model_config is None or isinstance(model_config, Mapping) or not callable(getattr(model_config, "to_dict", None)):
+        return None
+    try:
+        return _jsonable_config(type(model_config)())
+    except Exception:                 # a config class that needs arguments: no defaults to fall back on
+        return None
 
 
 def _jsonable_config(model_config) -> dict | None:

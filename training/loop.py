@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager
+from .integrity import config_defaults
 from .config import parse_config
 from .distributed import (PeerProcessLostError, any_rank, describe_batch, final_model, half_precision_autocast,
                           peer_lost, set_collective_timeout, stop_if_non_finite, uses_deepspeed, zero_stage)
@@ -232,7 +233,8 @@ def attach_stage(ckpt: CheckpointManager, stage: Stage, accelerator) -> Checkpoi
         name, weights = stage.weights()
         modules, optimizers = {name: weights, **modules}, {"optimizer": stage.optimizer, **optimizers}
     return ckpt.attach(modules, optimizers, engines=engines, pretrained=pretrained,
-                       model_config=architecture(stage.model))
+                       model_config=architecture(stage.model),
+                       model_config_defaults=architecture(stage.model, defaults=True))
 
 
 # Config entries that say where things are or how they are labelled, not what the weights are: a
@@ -240,13 +242,16 @@ def attach_stage(ckpt: CheckpointManager, stage: Stage, accelerator) -> Checkpoi
 NOT_ARCHITECTURE = ("vae_path", "architectures", "auto_map", "id2label", "label2id")
 
 
-def architecture(model: torch.nn.Module) -> dict | None:
+def architecture(model: torch.nn.Module, defaults: bool = False) -> dict | None:
     """The model config a checkpoint records and a resume must match (``CheckpointManager(model_config=)``:
-    a changed field is named before any weights load), without the entries in ``NOT_ARCHITECTURE``."""
+    a changed field is named before any weights load), without the entries in ``NOT_ARCHITECTURE``.
+    ``defaults``: the same for the config class's defaults (``integrity.config_defaults``), which stand in
+    for a field a checkpoint from before that field existed does not record."""
     config = getattr(getattr(model, "module", model), "config", None)
     if not callable(getattr(config, "to_dict", None)):
         return None
-    return {k: v for k, v in config.to_dict().items() if k not in NOT_ARCHITECTURE}
+    values = config_defaults(config) if defaults else config.to_dict()
+    return None if values is None else {k: v for k, v in values.items() if k not in NOT_ARCHITECTURE}
 
 
 # =============================================================================================

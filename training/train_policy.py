@@ -8,7 +8,9 @@ The stage-1 tokenizer is frozen. Per batch: one encoder pass gives the policy's 
 (continuous eq. 6 or structured eq. 7); a second decode at the policy's rounded mean length gives
 the baseline ``R(L_mean)``; the advantage is eq. 8 and the loss eq. 9 with a decaying entropy bonus.
 The same run fits the quality head (rl(L) curves) on the losses it measured, for the quality/budget
-dial. The exported model answers ``encode(x, num_tokens="auto")``.
+dial. The exported model answers ``encode(x, num_tokens="auto")``. Online, the images may come from a
+stream (webdataset tar shards, ``data.streaming: true``), read as stage 1 reads one
+(``data_setup.StreamEpochs``: each rank its part, by ``train.max_steps``, resumed at the same batch).
 
 With ``train.reward_table true`` the decodes happen once, up front: every image's loss at every
 allowed length is measured and cached, and each step looks its rewards up (see ``reward_table``);
@@ -29,6 +31,7 @@ averaged over ranks; the export consolidates the heads (a collective) and rank 0
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +42,10 @@ from ..tokenizer import AdaTokModel
 from ..tokenizer.policy import lengths_to_indices
 from ..tokenizer.rewards import (BASELINE_READINGS, baseline_lengths, entropy_weight, pool_baseline, reinforce_loss,
                                  relative_advantage)
-from .batches import ResumableBatchSampler
-from .data_setup import DataConfig, build_image_processor, build_train_data, epoch_batches
-from .distributed import assert_replicas_match, fill_bucket_sizes, half_precision_autocast, mean_over_ranks
+from .batches import PreloadedImages, ResumableBatchSampler
+from .data_setup import (DataConfig, StreamData, StreamEpochs, build_image_processor, build_train_data, epoch_batches,
+                         load_bounded_split, resolve_num_workers, train_data_from)
+from .distributed import any_rank, assert_replicas_match, fill_bucket_sizes, half_precision_autocast, mean_over_ranks
 from .evaluation import mse_per_image
 from .loop import LoopConfig, Stage, main as run_main, rank_seed, run
 from .reward_table import (OBJECTIVES, calibrate_dial, measure_shared, score_on_table, table_policy_loss,
@@ -50,8 +54,8 @@ from .reward_table import (OBJECTIVES, calibrate_dial, measure_shared, score_on_
 HISTORY_KEYS = ("reward", "entropy", "log_prob", "length_mean", "val_reward", "val_best_fixed_reward",
                 "val_search_reward", "val_oracle_reward")
 POLICY_FIELDS = ("policy_min_tokens", "policy_max_tokens", "policy_step", "policy_hidden_size", "policy_num_layers",
-                 "policy_dropout", "policy_image_statistics", "reward_kind", "reward_alpha", "reward_beta",
-                 "reward_gamma", "reward_rl_base", "search_threshold")
+                 "policy_dropout", "policy_image_statistics", "policy_token_features", "reward_kind", "reward_alpha",
+                 "reward_beta", "reward_gamma", "reward_rl_base", "search_threshold")
 
 
 @dataclass
@@ -135,18 +139,25 @@ class PolicyStage(Stage):
         self.whole, self.grid, self.spec = model, model.policy.grid, model.reward_spec()
         self.table, self.val_table, self.table_s = (_reward_tables(cfg, model, accelerator)
                                                     if tc.reward_table else (None, None, 0.0))
-        data, collate = (build_train_data(cfg, model.config, what="stage 2 (train_policy)") if self.table is None
+        data, collate = (build_train_data(cfg, model.config, allow_stream=True) if self.table is None
                          else (None, None))
+        self.data = data
         m = model.num_latent_tokens
         if self.table is not None:
             self.train_rewards = table_rewards(self.spec, self.table, self.grid, m)
             self.val_rewards = table_rewards(self.spec, self.val_table, self.grid, m) \
                 if self.val_table is not None else None
-        self.sampler = ResumableBatchSampler(len(self.table) if self.table is not None else len(data), tc.batch_size,
-                                             seed=tc.seed, rank=accelerator.process_index,
-                                             world_size=accelerator.num_processes)
-        self.batches = (lambda: iter(self.sampler)) if self.table is not None else \
-            epoch_batches(data, collate, self.sampler, cfg.data.num_workers)
+        # The batches: table rows, or images of a map-style set, or of a stream (read as stage 1 reads one)
+        self.sliced = isinstance(data, PreloadedImages) and resolve_num_workers(data, cfg.data.num_workers) == 0
+        if isinstance(data, StreamData):
+            self.sampler = StreamEpochs.for_run(data, cfg, accelerator)
+            self.batches = self.sampler.stream
+        else:
+            self.sampler = ResumableBatchSampler(len(self.table) if self.table is not None else len(data),
+                                                 tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
+                                                 world_size=accelerator.num_processes)
+            self.batches = (lambda: iter(self.sampler)) if self.table is not None else \
+                epoch_batches(data, collate, self.sampler, cfg.data.num_workers)
         heads = torch.nn.ModuleDict({"policy": model.policy, "quality_head": model.quality_head})
         self.params = [p for p in heads.parameters() if p.requires_grad]
         self.num_trainable = sum(p.numel() for p in self.params)
@@ -155,7 +166,7 @@ class PolicyStage(Stage):
         self.model, self.optimizer = accelerator.prepare(heads, optimizer)
 
     def counters(self) -> dict:
-        return {"history": []}
+        return {"history": [], "skipped_images": 0}
 
     def write_pretrained(self, folder: Path) -> None:
         self.whole.config.save_pretrained(folder)
@@ -169,12 +180,22 @@ class PolicyStage(Stage):
         mu = f"mu={tc.mu}, " if tc.advantage == "relative" else ""
         objective = (f"{tc.advantage} advantage ({mu}R(L_mean) per {tc.baseline_reading})"
                      if tc.objective == "reinforce" else "exact expected reward")
-        source = "online decodes"
+        source = "online decodes" + (f" of {self.data.describe()}" if isinstance(self.data, StreamData) else "")
         if self.table is not None:
             source = (f"reward table of {len(self.table)} images x {grid.numel()} lengths "
                       + (f"(measured in {self.table_s:.0f} s)" if self.table_s else "(from disk)"))
         return (f"AdaTok stage 2 (ATA): lengths {int(grid[0])}..{int(grid[-1])} ({grid.numel()} choices), "
                 f"{self.spec.kind} reward, {objective}, {source}, {self.num_trainable / 1e3:.1f}K trainable")
+
+    def prepare(self, batch, state: dict):
+        """Online images decoded per item (a stream, a set not preloaded): count the unreadable ones dropped
+        from the batch, and skip a batch left empty here or on another rank (a collective, as in stage 1)."""
+        if self.table is not None or self.sliced:
+            return batch
+        state["skipped_images"] = state.get("skipped_images", 0) + int(batch.get("num_skipped", 0))
+        if any_rank(self.accelerator, batch["pixel_values"].shape[0] == 0):
+            return None
+        return batch
 
     def step(self, batch, state: dict) -> dict:
         tc, acc, model = self.cfg.train, self.accelerator, self.whole
@@ -231,7 +252,7 @@ class PolicyStage(Stage):
             training_curves(state["history"], out_dir)
 
     def summary(self, state: dict) -> dict:
-        return {"reward_table_s": self.table_s}
+        return {"reward_table_s": self.table_s, "skipped_images": state.get("skipped_images", 0)}
 
     def export(self, model: AdaTokModel, folder: Path, state: dict) -> dict:
         model.save_pretrained(folder)
@@ -291,12 +312,24 @@ def table_rows(total: int, table_size: int | None, val_size: int, seed: int) -> 
     return sorted(order[:num_rows]), sorted(order[total - val_size:]) if val_size else []
 
 
-def _measurement_data(cfg: PolicyTrainingConfig, model_config):
-    """``(data set, collate, processor)`` of the training split through the deterministic evaluation
-    transform (no random crop or flip): the images a table measures, the same on every run, so the
-    table's rows, its policy features and the held-out losses that calibrate the dial repeat."""
-    data, collate = build_train_data(cfg, model_config, what="stage 2's reward table (train_policy)", train=False)
-    return data, collate, build_image_processor(model_config, cfg.data, train=False)
+def _measurement_data(cfg: PolicyTrainingConfig, model_config, accelerator=None):
+    """``(data set, collate, processor, stream record or None)`` of the training split through the
+    deterministic evaluation transform (no random crop or flip): the images a table measures, the same on
+    every run, so the table's rows, its policy features and the held-out losses that calibrate the dial repeat.
+
+    A stream (tar shards, ``data.streaming: true``) has no length to draw from: its first
+    ``train.table_size + train.val_size`` items (else all of ``data.limit``) in stream order become the
+    split the table draws from (``data_setup.load_bounded_split``), copied once under
+    ``<output_dir>/reward_table/stream_head`` by the main process and read back by the other ranks."""
+    tc = cfg.train
+    count = tc.table_size + tc.val_size if tc.table_size is not None else cfg.data.limit
+    dataset, stream = load_bounded_split(
+        cfg.data, cfg.data.train_split, tc.seed, count, "stage 2's reward table (train_policy)",
+        "train.table_size (the table and its held-out rows are drawn from the first table_size + val_size items) "
+        "or data.limit", limit=cfg.data.limit, folder=Path(tc.output_dir) / "reward_table" / "stream_head",
+        accelerator=accelerator)
+    data, collate = train_data_from(dataset, cfg, model_config, train=False)
+    return data, collate, build_image_processor(model_config, cfg.data, train=False), stream
 
 
 def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, accelerator):
@@ -312,13 +345,15 @@ def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, accelerator):
     if cfg.data.flip or cfg.data.crop == "random" or cfg.data.transforms == "natural":
         warnings.warn("train.reward_table measures each image once, through the evaluation transform (centre "
                       "crop, no flip): the data section's training augmentation is not applied")
-    data, collate, processor = _measurement_data(cfg, model.config)
+    data, collate, processor, stream = _measurement_data(cfg, model.config, accelerator)
     seed = tc.seed if tc.table_seed is None else tc.table_seed
     rows, val_rows = table_rows(len(data), tc.table_size, tc.val_size, seed)
     source = {"dataset": cfg.data.dataset, "split": cfg.data.train_split, "label_file": cfg.data.label_file,
               "limit": cfg.data.limit,     # natural_crops: its crops are drawn from train.seed
               "crops": [cfg.data.num_crops, tc.seed] if cfg.data.dataset == "natural_crops" else None,
               "processor": json.loads(json.dumps(processor.to_dict(), sort_keys=True, default=str))}
+    if stream is not None:   # the rows drawn from are "the first N of the stream": another N is another table
+        source["stream_head"] = stream
     draw = {"rule": "torch.randperm(total, seed): table = first table_size, held out = last val_size",
             "seed": seed, "total": len(data), "table_size": len(rows), "val_size": len(val_rows)}
     meta = {"tokenizer": model_fingerprint(cfg.tokenizer), "grid": grid.tolist(), "data": source, "rows": draw}
@@ -335,6 +370,10 @@ def _reward_tables(cfg: PolicyTrainingConfig, model: AdaTokModel, accelerator):
                                           load_batches, val_rows, batch, grid, "reward table (held out)",
                                           tc.table_chunk_size)
         seconds += val_s
+    if stream is not None:   # the stream's copied head served only the measurement (every rank is past it)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(Path(tc.output_dir) / "reward_table" / "stream_head", ignore_errors=True)
     return table, val_table, seconds
 
 

@@ -214,10 +214,7 @@ class TokenizerStage(Stage):
         if self.cache is not None and self.needs_pixels:
             self.data = check_cache_matches_data(self.cache, self.data, cfg.data)
         if self.streamed:   # this rank's part of the stream; the loop's set_position reaches it (see StreamEpochs)
-            self.sampler = StreamEpochs(self.data, tc.batch_size, rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
-                                        shuffle_buffer=cfg.data.shuffle_buffer, seed=tc.seed,
-                                        agree=lambda flag: any_rank(accelerator, flag))
+            self.sampler = StreamEpochs.for_run(self.data, cfg, accelerator)
             self.batches = self.sampler.stream
         else:
             num_items = len(self.data) if self.data is not None else len(self.cache)
