@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_stream_stages import run_two_ranks, write_png_shards
+from test_stream_stages import TESTS, write_png_shards
+from test_stream_training import run_two_ranks
 from test_stream_training import final_tensors, losses, write_shards
 
 from adatok_vlm.training.config import fill_dataclass
@@ -174,7 +175,7 @@ def test_stage2_online_from_a_limited_stream_on_2_ranks(online, tmp_path):
     """Two processes (gloo), data.limit 6 of the 8 streamed images at batch 2: each rank reads 3 of the first 6
     (2 batches an epoch), so 3 steps end in epoch 1 after 1 batch on both ranks: the per-batch collectives of
     the stream's epoch end and of the skipped-batch check line up."""
-    ranks = run_two_ranks(tmp_path, RANK_SCRIPT, online, tmp_path / "two")
+    ranks = run_two_ranks(tmp_path, RANK_SCRIPT, TESTS, online, tmp_path / "two")
     assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["steps"] == 3 for r in ranks)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
     assert (state["epoch"], state["batch"]) == (1, 1) and [h["step"] for h in state["history"]] == [1, 2, 3]

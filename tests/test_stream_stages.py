@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from safetensors import safe_open
-from test_stream_training import write_shards
+from test_stream_training import run_two_ranks, write_shards
 from test_vae_convert import converted_folder, direct_stats, stats_argv
 
 from adatok_vlm.training import convert_vae as cv
@@ -24,6 +24,8 @@ from adatok_vlm.training.data_setup import take_stream_head
 from adatok_vlm.training.train_policy import PolicyTrainingConfig, _reward_tables, load_tokenizer_for_policy
 
 from conftest import tiny_model
+
+TESTS = Path(__file__).parent     # the rank scripts import the test modules from here
 
 
 def write_png_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32) -> torch.Tensor:
@@ -160,31 +162,6 @@ def extract(tokenizer, shards, out, *flags):
                  "--data.num_workers", "0", *flags])
 
 
-def run_two_ranks(tmp_path, text: str, *args) -> list[dict]:
-    """The script ``text`` in two real processes (gloo on the CPU), as ``accelerate launch`` would start them;
-    each prints one JSON line last."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    script = tmp_path / "rank.py"
-    script.write_text(text)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent), *map(str, args)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2")) for r in (0, 1)]
-    results = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=280)
-        assert proc.returncode == 0, stderr[-3000:]
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
-    return results
-
-
 @pytest.fixture(scope="module")
 def stream_and_tokenizer(tmp_path_factory):
     """5 tar shards of 3 images (item 4, in shard 1, a truncated JPEG) and a tiny AdaTok (m = 8)."""
@@ -224,7 +201,7 @@ def test_extract_tokens_over_a_stream_with_2_ranks_and_a_resume_covers_every_ima
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
     out = tmp_path / "resumed"
-    ranks = run_two_ranks(tmp_path, RANK_SCRIPT, tokenizer, shards, out)
+    ranks = run_two_ranks(tmp_path, RANK_SCRIPT, TESTS, tokenizer, shards, out)
     assert [r["encoded_shards"] for r in ranks] == [2, 2] and not any(r["complete"] for r in ranks)
     written = sorted(p.name for p in (out / "shards").glob("shard-*.safetensors"))
     assert written == [f"shard-{s:05d}.safetensors" for s in range(4)]
@@ -296,7 +273,7 @@ def test_stage2_table_from_a_stream_on_2_ranks_equals_one_process(tmp_path):
     tiny_model("continuous", num_latent_tokens=8).save_pretrained(tmp_path / "tokenizer")
     model = load_tokenizer_for_policy(str(tmp_path / "tokenizer"), {}).eval()
     one, one_val, _ = _reward_tables(table_config(tmp_path, "one"), model, Accelerator(cpu=True))
-    for rank in run_two_ranks(tmp_path, TABLE_SCRIPT, tmp_path):
+    for rank in run_two_ranks(tmp_path, TABLE_SCRIPT, TESTS, tmp_path):
         assert rank["rows"] == one.rows.tolist() and rank["val_rows"] == one_val.rows.tolist()
         torch.testing.assert_close(torch.tensor(rank["rl"]), one.rl, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(torch.tensor(rank["val_rl"]), one_val.rl, rtol=1e-5, atol=1e-7)

@@ -161,6 +161,26 @@ print(json.dumps({"rank": dist.get_rank(), "steps": summary["steps"]}), flush=Tr
 """
 
 
+def run_two_ranks(tmp_path, text: str, *args) -> list[dict]:
+    """The script ``text`` in two real processes (gloo on the CPU), as ``accelerate launch`` would start them,
+    with ``args`` as its arguments; each must exit 0 and print one JSON line last, returned per rank."""
+    script = tmp_path / "rank.py"
+    script.write_text(text)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2")) for r in (0, 1)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=280)
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
 @pytest.mark.timeout(300)
 def test_two_processes_with_unequal_streams_end_each_epoch_together(tmp_path):
     """Two real processes (gloo) over shards of 5 and 2 images at batch 4: rank 1 holds 1 batch an epoch,
@@ -168,19 +188,8 @@ def test_two_processes_with_unequal_streams_end_each_epoch_together(tmp_path):
     write_shards(tmp_path / "a", 1, 5)
     write_shards(tmp_path / "b", 1, 2)
     (tmp_path / "b" / "train-000000.tar").rename(tmp_path / "a" / "train-000001.tar")
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "run"),
-                               str(Path(__file__).parent)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2")) for r in (0, 1)]
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=280)
-        assert proc.returncode == 0, stderr[-3000:]
-        assert json.loads(stdout.strip().splitlines()[-1])["steps"] == 4
+    for rank in run_two_ranks(tmp_path, RANK_SCRIPT, tmp_path / "a", tmp_path / "run", Path(__file__).parent):
+        assert rank["steps"] == 4
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert (state["epoch"], state["batch"], state["images"]) == (3, 1, 4 * 8)
 

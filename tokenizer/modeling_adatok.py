@@ -550,7 +550,7 @@ class AdaTokModel(AdaTokPreTrainedModel):
         b = x.shape[0]
         if mode in ("search", "oracle"):
             def error_fn(lengths: torch.Tensor) -> torch.Tensor:
-                return self.errors_at_lengths(x, lengths, tokens)[:, 0]
+                return self._errors_at_lengths(x, lengths, tokens)[:, 0]
 
             grid = self.length_grid.to(x.device)
             if mode == "search":
@@ -638,7 +638,10 @@ class AdaTokModel(AdaTokPreTrainedModel):
             float32 ``[B, K]`` on this model's device.
         """
         check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels)
-        x = pixel_values.to(self.device)
+        return self._errors_at_lengths(pixel_values.to(self.device), lengths, tokens)
+
+    def _errors_at_lengths(self, x: torch.Tensor, lengths, tokens: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`errors_at_lengths` for images ``x`` already checked and on this device (search's probes)."""
         b = x.shape[0]
         if isinstance(lengths, torch.Tensor):
             if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.dim() not in (1, 2) \
@@ -657,9 +660,10 @@ class AdaTokModel(AdaTokPreTrainedModel):
     @torch.no_grad()
     def reconstruction_error(self, pixel_values: torch.Tensor, num_tokens=None) -> torch.Tensor:
         """Per-image pixel MSE ``[B]`` (images in [0, 1]) of the reconstruction from ``num_tokens``
-        (any length or mode of :meth:`encode`; measured by :meth:`errors_at_lengths`)."""
+        (any length or mode of :meth:`encode`; measured as :meth:`errors_at_lengths` measures)."""
         enc = self.encode(pixel_values, num_tokens)
-        return self.errors_at_lengths(pixel_values, enc.lengths, enc.tokens)[:, 0]
+        # encode() checked the pixels
+        return self._errors_at_lengths(pixel_values.to(self.device), enc.lengths, enc.tokens)[:, 0]
 
     def forward(self, pixel_values: torch.Tensor | None = None, num_tokens=None, return_reconstruction: bool = True,
                 generator: torch.Generator | None = None, return_dict: bool = True,

@@ -157,6 +157,13 @@ class Stage:
         """Move a batch to the device; ``None`` skips it (it still counts as taken from the sampler)."""
         return batch
 
+    def drop_unreadable(self, batch, state: dict, may_be_empty: bool = True) -> bool:
+        """For ``prepare`` of a batch of images decoded per item: add its ``num_skipped`` unreadable images to
+        ``state["skipped_images"]``, and with ``may_be_empty`` say whether the batch is empty here or on another
+        rank (a collective: every rank asks at every step), so that all ranks skip that step together."""
+        state["skipped_images"] = state.get("skipped_images", 0) + int(batch.get("num_skipped", 0))
+        return may_be_empty and any_rank(self.accelerator, batch["pixel_values"].shape[0] == 0)
+
     def step(self, batch, state: dict) -> dict:
         """Forward pass of one micro-batch: the values to check for NaN/inf, ``"loss"`` (backpropagated) among them."""
         raise NotImplementedError

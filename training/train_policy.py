@@ -45,7 +45,7 @@ from ..tokenizer.rewards import (BASELINE_READINGS, baseline_lengths, entropy_we
 from .batches import PreloadedImages, ResumableBatchSampler
 from .data_setup import (DataConfig, StreamData, StreamEpochs, build_image_processor, build_train_data, epoch_batches,
                          load_bounded_split, resolve_num_workers, train_data_from)
-from .distributed import any_rank, assert_replicas_match, fill_bucket_sizes, half_precision_autocast, mean_over_ranks
+from .distributed import assert_replicas_match, fill_bucket_sizes, half_precision_autocast, mean_over_ranks
 from .evaluation import mse_per_image
 from .loop import LoopConfig, Stage, main as run_main, rank_seed, run
 from .reward_table import (OBJECTIVES, calibrate_dial, measure_shared, score_on_table, table_policy_loss,
@@ -192,10 +192,7 @@ class PolicyStage(Stage):
         from the batch, and skip a batch left empty here or on another rank (a collective, as in stage 1)."""
         if self.table is not None or self.sliced:
             return batch
-        state["skipped_images"] = state.get("skipped_images", 0) + int(batch.get("num_skipped", 0))
-        if any_rank(self.accelerator, batch["pixel_values"].shape[0] == 0):
-            return None
-        return batch
+        return None if self.drop_unreadable(batch, state) else batch
 
     def step(self, batch, state: dict) -> dict:
         tc, acc, model = self.cfg.train, self.accelerator, self.whole

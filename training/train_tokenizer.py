@@ -54,7 +54,7 @@ from .batches import PreloadedImages, ResumableBatchSampler
 from .config import build_model_config
 from .data_setup import (DataConfig, StreamData, StreamEpochs, build_image_processor, build_train_data,
                          epoch_batches, flip_batch, resolve_num_workers, step_flips)
-from .distributed import (any_rank, assert_replicas_match, materialize, mean_over_ranks, param_gatherer, replicate,
+from .distributed import (assert_replicas_match, materialize, mean_over_ranks, param_gatherer, replicate,
                           uses_deepspeed)
 from .engine import EMA
 from .evaluation import default_lengths
@@ -282,10 +282,9 @@ class TokenizerStage(Stage):
         device, seed = self.accelerator.device, self.cfg.train.seed + self.accelerator.process_index
         pixels = latents = None
         if self.data is not None:
-            pixels = batch["pixel_values"].to(device, non_blocking=True)
-            state["skipped_images"] += int(batch.get("num_skipped", 0))
-            if not self.preloaded and any_rank(self.accelerator, pixels.shape[0] == 0):
+            if self.drop_unreadable(batch, state, may_be_empty=not self.preloaded):
                 return None   # every image of the batch was unreadable (here or on another rank)
+            pixels = batch["pixel_values"].to(device, non_blocking=True)
             if step_flips(self.cfg.data):
                 pixels = flip_batch(pixels, seed, state["step"])
         if self.cache is not None:   # the same (image, crop, flip) as the pixels; no VAE encoder
