@@ -1,6 +1,6 @@
 """Train Table 2's first row: the natural demo's tokenizer without Nested Tail Masking, step-matched.
 
-    python benchmarks/train_fixed_baseline.py --output_dir outputs/demo-fixed          # 4,000 steps
+    python benchmarks/train_fixed_baseline.py --output_dir outputs/demo-fixed          # 2,400 steps
     python benchmarks/ablation.py --model outputs/demo/model --baseline_model outputs/demo-fixed/model \
         --data natural_images --out benchmarks/results/natural_demo_ablation.json
 
@@ -11,8 +11,8 @@ tokens. Before training, this script checks that the two resolved configs differ
 range and the output folder (same data, crops, seed, steps, batch, learning rate and schedule), then runs
 the demo's stage 1 on it (``python -m adatok_vlm.training.demo --skip_policy true``), which also writes its
 per-length rMSE table (``metrics.json``) on the same held-out photos. Extra arguments go to the demo
-(``--train.resume auto`` continues an interrupted run). On the 2 shared cores here: 1.5-2.1 s a step
-under load (2-2.5 hours); the NTM model's stage 1 took 2,969 s.
+(``--train.resume auto`` continues an interrupted run). The NTM model's stage 1 (the demo's) took 869 s on
+the 2 idle cores here (benchmarks/results/natural_demo_metrics.json); under load a step took 1.5-2.1 s.
 """
 
 import subprocess

@@ -3,6 +3,8 @@ checkpoint and one line, resuming a finished run takes no step, a NaN closes the
 plus the shared config's range checks, the bar's step estimate and the CPU thread rule."""
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 from test_train_vlm import tiny_adatok, write_captioned_set
 
 from adatok_vlm.training import loop, train_dit, train_policy, train_tokenizer, train_vlm
-from adatok_vlm.training.engine import NonFiniteLossError, RunLogger, default_threads
+from adatok_vlm.training.engine import NonFiniteLossError, RunLogger, cores_busy_now, default_threads
 from adatok_vlm.training.extract_tokens import main as extract
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -153,6 +155,24 @@ def test_cpu_threads_default_to_what_is_free():
     assert default_threads(16, local_world_size=4, load=10.0) == 4
     assert default_threads(2, load=1.2) == 1                           # one core busy elsewhere
     assert default_threads(2, load=7.0) == 1 and default_threads(1, local_world_size=8) == 1
+
+
+def test_busy_cores_are_measured_now_not_a_minute_ago():
+    """A core spinning in another process counts as busy at once (the 1-minute load average would not see
+    it for a while, and sees finished work for a minute after it ends)."""
+    import subprocess
+    import sys
+
+    idle = cores_busy_now()
+    assert idle is not None and 0.0 <= idle <= os.cpu_count() + 1e-6
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert cores_busy_now(interval=0.3) >= 0.8
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert cores_busy_now(stat="/nonexistent/stat") is None
 
 
 def test_a_trainer_owns_its_output_dir(assets, tmp_path):

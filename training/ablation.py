@@ -135,7 +135,8 @@ def _row(method: str, config, m: int, lengths: torch.Tensor, rl: torch.Tensor, m
 
 
 def run_ablation(model, pixels: torch.Tensor, batch_size: int = 256, *, baseline=None,
-                 search_threshold_value: float | None = None, truncate_length: int | None = None) -> dict:
+                 search_threshold_value: float | None = None, truncate_length: int | None = None,
+                 curves: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Table 2 rows plus the target checks of the ATA issue.
 
     Args:
@@ -145,6 +146,11 @@ def run_ablation(model, pixels: torch.Tensor, batch_size: int = 256, *, baseline
             first row; None leaves that row out.
         search_threshold_value: the ``search`` row's threshold (default the model's ``reward_rl_base``).
         truncate_length: the ``truncate_fixed`` row's length (default ``round(m * 143 / 256)``).
+        curves: :func:`error_curves` of ``model`` on ``pixels`` when the caller has them (the demo shares one
+            measurement with :func:`plot_figures`); measured here otherwise.
+
+    The result's ``ata_lengths`` and ``oracle_lengths`` are the per-image lengths of those two rows (callers
+    pop them before writing the table).
     """
     if not model.has_policy:
         raise ValueError("run_ablation needs an AdaTok with a trained policy (adatok_vlm.training.train_policy)")
@@ -169,7 +175,7 @@ def run_ablation(model, pixels: torch.Tensor, batch_size: int = 256, *, baseline
     timed["truncate_mean"] = _time_lengths(model, pixels, mean_len, batch_size)
     with search_threshold(model, threshold):
         timed["search"] = _time_lengths(model, pixels, "search", batch_size)
-    grid, curves = error_curves(model, pixels, batch_size)
+    grid, curves = curves if curves is not None else error_curves(model, pixels, batch_size)
     paper_ratio = PAPER_TABLE2["search_paper"][1] / PAPER_TABLE2["ata"][1]
     target = min(max(paper_ratio * float(timed["ata"][0].float().mean()), float(grid[0])), float(grid[-1]))
     paper_threshold = threshold_for_mean_length(curves, grid, target)
@@ -215,6 +221,7 @@ def run_ablation(model, pixels: torch.Tensor, batch_size: int = 256, *, baseline
             "batch_size": batch_size, "num_latent_tokens": m, "reward_kind": c.reward_kind,
             "search_threshold": threshold, "search_threshold_paper": paper_threshold,
             "truncate_length": truncate_length, "ata_lengths": timed["ata"][0].tolist(),
+            "oracle_lengths": timed["oracle"][0].tolist(),
             "dial": dial_report(model, pixels, batch_size, budget=float(timed["ata"][0].float().mean()))}
 
 

@@ -105,7 +105,7 @@ def run_policy_stage(raw_policy: dict, cfg: TokenizerTrainingConfig, model_dir: 
 
     from transformers import AutoModel
 
-    from .ablation import markdown_table, plot_figures, run_ablation
+    from .ablation import error_curves, markdown_table, plot_figures, run_ablation
     from .batches import preload_images
     from .train_policy import PolicyTrainingConfig
     from .train_policy import train as train_policy
@@ -121,11 +121,12 @@ def run_policy_stage(raw_policy: dict, cfg: TokenizerTrainingConfig, model_dir: 
     test = eval_subset(load_split(cfg.data, cfg.data.eval_split, cfg.train.seed), eval_limit or 2000,
                        _is_natural(cfg))
     pixels = preload_images(test, build_image_processor(model.config, cfg.data, train=False)).pixels
-    result = run_ablation(model, pixels)
-    ata_lengths = torch.tensor(result.pop("ata_lengths"))
-    plot_figures(model, pixels, out_dir, ata_lengths=ata_lengths)
+    curves = error_curves(model, pixels)   # every length of every image, decoded once for Table 2 and the figures
+    result = run_ablation(model, pixels, curves=curves)
+    ata_lengths, oracle_lengths = torch.tensor(result.pop("ata_lengths")), torch.tensor(result.pop("oracle_lengths"))
+    plot_figures(model, pixels, out_dir, ata_lengths=ata_lengths, curves=curves)
     if _is_natural(cfg):
-        result["length_correlations"] = content_figures(model, pixels, ata_lengths, out_dir)
+        result["length_correlations"] = content_figures(pixels, ata_lengths, oracle_lengths, out_dir)
     (out_dir / "ablation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out_dir / "ablation.md").write_text(markdown_table(result), encoding="utf-8")
     return result
@@ -144,15 +145,14 @@ def eval_subset(test, limit: int | None, shuffle: bool):
 
 
 @torch.no_grad()
-def content_figures(model, pixels: torch.Tensor, ata_lengths: torch.Tensor, out_dir: Path,
-                    batch_size: int = 256, num_shown: int = 32) -> dict:
-    """Fig. 1 (test images ordered by the policy's length) and the length-vs-content correlations."""
+def content_figures(pixels: torch.Tensor, ata_lengths: torch.Tensor, oracle_lengths: torch.Tensor, out_dir: Path,
+                    num_shown: int = 32) -> dict:
+    """Fig. 1 (test images ordered by the policy's length) and the correlations of the policy's lengths with
+    the oracle's (Table 2's ``oracle`` row, per image) and with PNG size."""
     from .visualize import length_correlations, length_ordered_grid
 
     images = pixels.float() / 255.0
-    oracle = torch.cat([model.encode(images[i : i + batch_size].to(model.device), num_tokens="oracle").lengths.cpu()
-                        for i in range(0, images.shape[0], batch_size)])
-    correlations = length_correlations(ata_lengths, oracle, images)
+    correlations = length_correlations(ata_lengths, oracle_lengths, images)
     shown = torch.linspace(0, images.shape[0] - 1, min(num_shown, images.shape[0])).round().long()
     length_ordered_grid(images[shown], ata_lengths[shown], out_dir / "lengths_ordered.png", columns=8, scale=3)
     (out_dir / "length_correlations.json").write_text(json.dumps(correlations, indent=2), encoding="utf-8")
