@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     result = run_ablation(model, pixels, args.batch_size, baseline=baseline,
                           search_threshold_value=args.search_threshold, truncate_length=args.truncate_length)
-    result.pop("ata_lengths"), result.pop("oracle_lengths")
+    for per_image in ("ata_lengths", "oracle_lengths"):   # per-image lists, not table rows
+        result.pop(per_image)
     result["model"], result["baseline_model"], result["data"] = args.model, args.baseline_model, args.data
     # the ms columns depend on the machine and on what else ran: say both
     result["machine"] = {"device": args.device, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
