@@ -146,6 +146,7 @@ class Candidate:
     ce_tau: float = 0.1
     standardize: bool = False         # inputs scaled to zero mean / unit variance on the training rows
     neighbours: int = 16              # head "knn": the training rows averaged
+    ensemble: int = 1                 # heads trained from seeds seed..seed+ensemble-1, their softmaxes averaged
     seed: int = 0
 
     def describe(self) -> str:
@@ -156,6 +157,7 @@ class Candidate:
         if self.head == "knn":
             return f"{'+'.join(self.inputs)}; {head}" + (", standardised" if self.standardize else "")
         extra = f", CE warm start {self.warm_ce_steps} steps (tau {self.ce_tau:g})" if self.warm_ce_steps else ""
+        extra += f", mean of {self.ensemble} seeds' softmax" if self.ensemble > 1 else ""
         return (f"{'+'.join(self.inputs)}; {head}{extra}; {self.layers}x{self.hidden}, dropout {self.dropout:g}, "
                 f"{self.steps} steps" + (", standardised" if self.standardize else ""))
 
@@ -183,6 +185,12 @@ def candidates(steps: int) -> list[Candidate]:
         replace(stats, name="stats_steps_third", steps=max(1, steps // 3)),
         replace(stats, name="stats_steps_x3", steps=3 * steps),
         replace(stats, name="stats_ce_warm", warm_ce_steps=max(1, steps // 3)),
+        replace(stats, name="stats_ce_warm_tau_0.05", warm_ce_steps=max(1, steps // 3), ce_tau=0.05),
+        replace(stats, name="stats_ce_warm_tau_0.2", warm_ce_steps=max(1, steps // 3), ce_tau=0.2),
+        replace(stats, name="stats_ce_warm_two_thirds", warm_ce_steps=max(1, 2 * steps // 3)),
+        replace(stats, name="stats_ce_only", warm_ce_steps=steps),
+        replace(stats, name="stats_ensemble_5", ensemble=5),
+        replace(stats, name="stats_ce_warm_ensemble_5", warm_ce_steps=max(1, steps // 3), ensemble=5),
         replace(stats, name="stats_regress", head="regress"),
         replace(stats, name="stats_meet", head="meet"),
         replace(stats, name="stats_knn", head="knn", standardize=True),
@@ -344,6 +352,13 @@ def fit_and_score(c: Candidate, data: dict, train: str, val: str, rewards: dict,
         near = dist.topk(c.neighbours, dim=1, largest=False).indices
         choice = rewards[train]["structured"][near].mean(1).argmax(1)
         return {**score(choice, grid, rewards[val], data[val]["png"]), "seconds": time.time() - started}
+    if c.ensemble > 1:         # only the policy head: its softmaxes averaged over seeds
+        if c.head != "expected":
+            raise ValueError(f"ensemble needs head 'expected', got {c.head!r}")
+        probs = sum(F.softmax(head_out(train_head(replace(c, seed=c.seed + k), flat, seq, rewards[train]["structured"],
+                                                  data[train]["rl"], spec.rl_base), vflat, vseq), 1)
+                    for k in range(c.ensemble))
+        return {**score(probs.argmax(1), grid, rewards[val], data[val]["png"]), "seconds": time.time() - started}
     head = train_head(c, flat, seq, rewards[train]["structured"], data[train]["rl"], spec.rl_base)
     out = head_out(head, vflat, vseq)
     if c.head == "meet":      # expected structured reward if met (R_high) or missed (~0): argmax P(met) R_high(L)

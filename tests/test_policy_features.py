@@ -65,6 +65,18 @@ def test_every_head_learns_the_per_row_length(data, head):
     assert got["spearman_oracle"] > 0.9
 
 
+@pytest.mark.parametrize("extra", [{"warm_ce_steps": 100}, {"ensemble": 2}, {"warm_ce_steps": 100, "ensemble": 2}])
+def test_ce_warm_start_and_seed_ensembles_learn_the_per_row_length(data, extra):
+    rewards = rewards_of(data)
+    c = Candidate("t", inputs=("pooled",), steps=300, dropout=0.0, hidden=32, batch_size=64, **extra)
+    got = fit_and_score(c, data, "train", "val", rewards, RewardSpec(kind="structured"), None)
+    oracle = float(rewards["val"]["structured"].max(1).values.mean())
+    assert got["structured"] > oracle - 0.15
+    with pytest.raises(ValueError, match="ensemble needs head 'expected'"):
+        fit_and_score(replace(c, head="regress", ensemble=2), data, "train", "val", rewards,
+                      RewardSpec(kind="structured"), None)
+
+
 def test_curve_rule_picks_its_margin_on_training_rows(data):
     rewards = rewards_of(data)
     c = replace(Candidate("t", head="curve_rule", steps=300, dropout=0.0, hidden=32, batch_size=64))

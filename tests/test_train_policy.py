@@ -89,7 +89,7 @@ def test_reward_table_mode_trains_scores_held_out_and_reuses_its_table(stage1, t
             "--train.log_every", "2", "--train.save_every", "0", "--data.dataset", "natural_crops",
             "--data.num_crops", "256", "--model.reward_kind", "structured", "--model.policy_dropout", "0.1",
             "--train.reward_table", "true", "--train.table_size", "40", "--train.val_size", "24",
-            "--train.objective", "expected", "--train.lr_schedule", "constant"]
+            "--train.objective", "expected", "--train.lr_schedule", "constant", "--train.ce_warm_steps", "2"]
     first = main(args + ["--max_steps", "6"])
     assert first["reward_table_s"] > 0
     files = sorted(p.name for p in (tmp_path / "reward_table").iterdir())
@@ -139,7 +139,8 @@ def _meta(folder):
         return json.loads(f.metadata()["meta"])
 
 
-@pytest.mark.parametrize("flags", [["--train.objective", "expected"], ["--train.val_size", "8"]])
+@pytest.mark.parametrize("flags", [["--train.objective", "expected"], ["--train.val_size", "8"],
+                                   ["--train.ce_warm_steps", "2"]])
 def test_table_only_options_need_a_table(stage1, tmp_path, flags):
     with pytest.raises(ValueError, match="reward_table"):
         main(["--tokenizer", stage1, "--output_dir", str(tmp_path), "--max_steps", "1", "--data.dataset",
@@ -201,6 +202,29 @@ def test_table_policy_loss_reads_eq8_s_baseline_per_image_or_per_batch():
     column = int(batch["mean_lengths"][0]) - 1
     torch.testing.assert_close(batch["baseline"], rewards[:, column])
     torch.testing.assert_close(drawn["batch_reward"]["baseline"], d0["baseline"].mean().expand(32))
+
+
+def test_ce_warm_start_is_the_cross_entropy_to_the_reward_softmax():
+    """``ce_tau``: the loss is ``-sum softmax(R / tau) log pi`` (not the reward objective), its minimum is at
+    ``pi = softmax(R / tau)``, and the trainer allows it only with a reward table and a positive tau."""
+    from adatok_vlm.tokenizer.policy import TokenLengthPolicy, length_grid
+    from adatok_vlm.training.reward_table import table_policy_loss
+
+    torch.manual_seed(0)
+    policy = TokenLengthPolicy(5, length_grid(1, 8), hidden_dim=16, num_layers=1)
+    torch.nn.init.normal_(policy.mlp.out.weight, std=0.5)
+    features, rewards = torch.randn(16, 5), torch.rand(16, 8)
+    loss, logs, _ = table_policy_loss(policy, features, rewards, "expected", 0.1, "baseline", 0.05, ce_tau=0.1)
+    log_pi = torch.log_softmax(policy(features).float(), 1)
+    target = torch.softmax(rewards / 0.1, 1)
+    torch.testing.assert_close(loss, -(target * log_pi).sum(1).mean())
+    assert logs["entropy_weight"] == 0.0
+    reward_loss, _, _ = table_policy_loss(policy, features, rewards, "expected", 0.1, "baseline", 0.05)
+    assert not torch.allclose(loss, reward_loss)
+    with pytest.raises(ValueError, match="ce_warm_steps .* needs"):
+        fill_dataclass(PolicyTrainingConfig, {"train": {"ce_warm_steps": 10}})
+    with pytest.raises(ValueError, match="ce_tau"):
+        fill_dataclass(PolicyTrainingConfig, {"train": {"ce_warm_steps": 10, "ce_tau": 0.0, "reward_table": True}})
 
 
 def test_baseline_reading_is_validated():

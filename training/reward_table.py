@@ -103,13 +103,16 @@ def measure_reward_table(model, batches: Iterable[torch.Tensor], grid: torch.Ten
 # one policy step on table rows
 # ---------------------------------------------------------------------------------------------
 def table_policy_loss(policy, features: torch.Tensor, rewards: torch.Tensor, objective: str, mu: float,
-                      advantage: str, entropy_weight: float, reading: str = "image") -> tuple[torch.Tensor, dict, dict]:
+                      advantage: str, entropy_weight: float, reading: str = "image",
+                      ce_tau: float | None = None) -> tuple[torch.Tensor, dict, dict]:
     """The policy loss on rows whose reward at every grid length is known, ``rewards [B, K]``.
 
     ``reinforce``: sample ``L ~ pi``, look up ``R(L)`` and ``R(L_mean)``, eq. 8 and eq. 9 (the paper), with
     eq. 8's baseline read as ``reading`` (``rewards.BASELINE_READINGS``: each image's own ``E_pi[L]``, or the
     batch-wide readings the paper's "on a batch basis" allows).
     ``expected``: ``-sum_L pi(L|f) R(L) - lambda H(pi)``, the exact gradient REINFORCE estimates.
+    ``ce_tau`` (a warm start, either objective): the cross-entropy to the soft target ``softmax(R / ce_tau)``
+    instead, which pulls every image toward its own best lengths before the reward is maximised.
     Returns ``(loss, logs, sample)`` where ``sample`` holds the sampled lengths and their rewards,
     log-probabilities and entropies (for logging; both objectives sample).
     """
@@ -123,7 +126,12 @@ def table_policy_loss(policy, features: torch.Tensor, rewards: torch.Tensor, obj
     mean_lengths = baseline_lengths(dist.probs.detach() @ grid.to(dist.probs.dtype), grid, reading)
     mean_idx = lengths_to_indices(mean_lengths, grid)
     baseline = pool_baseline(rewards.gather(1, mean_idx[:, None]).squeeze(1), reading)
-    if objective == "reinforce":
+    if ce_tau is not None:
+        target = torch.softmax(rewards.to(dist.logits.dtype) / ce_tau, dim=1)
+        loss = -(target * torch.log_softmax(dist.logits, dim=1)).sum(1).mean()
+        logs = {"loss": float(loss.detach()), "policy_loss": float(loss.detach()),
+                "entropy": float(entropy.mean().detach()), "entropy_weight": 0.0}
+    elif objective == "reinforce":
         adv = relative_advantage(reward, baseline, mu, advantage)
         loss, logs = reinforce_loss(log_prob, adv, entropy, entropy_weight)
     else:

@@ -77,6 +77,8 @@ class PolicyTrainConfig(LoopConfig):
     table_seed: int | None = None            # the seeded draw of the table's + held-out images (None: train.seed)
     table_chunk_size: int = 2048             # rows per saved part of a table being measured (resume granularity)
     objective: str = "reinforce"             # reinforce (eq. 8/9) | expected (exact gradient; table only)
+    ce_warm_steps: int = 0                   # first steps on cross-entropy to softmax(R / ce_tau) (table only)
+    ce_tau: float = 0.1
     val_size: int = 0                        # held-out training images scored every log step (table mode)
     dial_confidence: float = 0.9             # share of held-out (image, length) pairs the max_mse dial covers
 
@@ -87,6 +89,12 @@ class PolicyTrainConfig(LoopConfig):
         if self.objective == "expected" and not self.reward_table:
             raise ValueError("train.objective 'expected' sums the reward over every length: it needs "
                              "train.reward_table true")
+        if self.ce_warm_steps and not self.reward_table:
+            raise ValueError("train.ce_warm_steps fits the policy to softmax(R / ce_tau) over every length: it needs "
+                             "train.reward_table true")
+        if self.ce_warm_steps < 0 or self.ce_tau <= 0:
+            raise ValueError(f"train.ce_warm_steps must be >= 0 and train.ce_tau > 0, got {self.ce_warm_steps}, "
+                             f"{self.ce_tau}")
         if self.val_size and not self.reward_table:
             raise ValueError("train.val_size scores the policy on a held-out reward table: it needs "
                              "train.reward_table true")
@@ -204,8 +212,9 @@ class PolicyStage(Stage):
             measured_rl = self.table.rl[rows].to(acc.device)
             with half_precision_autocast(acc):
                 rewards = self.train_rewards[rows].to(features.device)
+                warm = tc.ce_tau if state["step"] < tc.ce_warm_steps else None
                 pg_loss, pg_logs, drawn = table_policy_loss(policy, features, rewards, tc.objective, tc.mu,
-                                                            tc.advantage, lam, tc.baseline_reading)
+                                                            tc.advantage, lam, tc.baseline_reading, ce_tau=warm)
                 curve_loss = curve_head.curve_loss(features, grid.expand(rows.numel(), -1), measured_rl)
             lengths, log_prob, entropy = drawn["lengths"], drawn["log_prob"], drawn["entropy"]
             reward, baseline = drawn["reward"], drawn["baseline"]
