@@ -47,6 +47,7 @@ from adatok_vlm.tokenizer.policy import FeatureMLP, QualityCurveHead, first_at_o
 from adatok_vlm.tokenizer.rewards import RewardSpec, entropy_weight
 from adatok_vlm.training.engine import lr_at, set_lr
 from adatok_vlm.training.flags import FlagParser
+from adatok_vlm.training.reward_table import reward_softmax_cross_entropy
 from adatok_vlm.training.results import write_results
 
 INPUTS = ("pooled", "stats", "tokens", "attention", "curve")
@@ -262,7 +263,6 @@ def train_head(c: Candidate, flat: torch.Tensor, seq, rewards: torch.Tensor, rl:
     batches = torch.Generator().manual_seed(c.seed)
     order, at = torch.empty(0, dtype=torch.long), 0
     log_rl = rl.clamp_min(1e-8).log()
-    soft = F.softmax(rewards / c.ce_tau, dim=1)
     for step in range(c.steps):
         if at + c.batch_size > order.numel():
             order, at = torch.randperm(flat.shape[0], generator=batches), 0
@@ -277,7 +277,7 @@ def train_head(c: Candidate, flat: torch.Tensor, seq, rewards: torch.Tensor, rl:
         elif c.head == "curve_rule":
             loss = F.mse_loss(out, log_rl[rows])
         elif step < c.warm_ce_steps:
-            loss = -(soft[rows] * F.log_softmax(out, 1)).sum(1).mean()
+            loss = reward_softmax_cross_entropy(out, rewards[rows], c.ce_tau)
         else:                                  # reward_table.table_policy_loss, objective "expected"
             probs = F.softmax(out, 1)
             entropy = -(probs * F.log_softmax(out, 1)).sum(1)

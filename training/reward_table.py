@@ -102,6 +102,12 @@ def measure_reward_table(model, batches: Iterable[torch.Tensor], grid: torch.Ten
 # ---------------------------------------------------------------------------------------------
 # one policy step on table rows
 # ---------------------------------------------------------------------------------------------
+def reward_softmax_cross_entropy(logits: torch.Tensor, rewards: torch.Tensor, tau: float) -> torch.Tensor:
+    """``-sum_L softmax(R / tau)(L) log softmax(logits)(L)``, batch mean: the warm start's soft-target loss."""
+    target = torch.softmax(rewards.to(logits.dtype) / tau, dim=1)
+    return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
 def table_policy_loss(policy, features: torch.Tensor, rewards: torch.Tensor, objective: str, mu: float,
                       advantage: str, entropy_weight: float, reading: str = "image",
                       ce_tau: float | None = None) -> tuple[torch.Tensor, dict, dict]:
@@ -127,8 +133,7 @@ def table_policy_loss(policy, features: torch.Tensor, rewards: torch.Tensor, obj
     mean_idx = lengths_to_indices(mean_lengths, grid)
     baseline = pool_baseline(rewards.gather(1, mean_idx[:, None]).squeeze(1), reading)
     if ce_tau is not None:
-        target = torch.softmax(rewards.to(dist.logits.dtype) / ce_tau, dim=1)
-        loss = -(target * torch.log_softmax(dist.logits, dim=1)).sum(1).mean()
+        loss = reward_softmax_cross_entropy(dist.logits, rewards, ce_tau)
         logs = {"loss": float(loss.detach()), "policy_loss": float(loss.detach()),
                 "entropy": float(entropy.mean().detach()), "entropy_weight": 0.0}
     elif objective == "reinforce":
